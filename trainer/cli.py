@@ -1,0 +1,44 @@
+"""The ``trainer`` command: dispatches to a subcommand and imports nothing heavy before it knows which.
+
+    trainer train [hydra overrides]     train (one process, or local DDP workers)
+"""
+
+from __future__ import annotations
+
+import sys
+
+USAGE = """\
+usage: trainer <command> [options] [key=value ...]
+
+commands:
+  train     compose the config from conf/ with Hydra, validate it, and train
+            (`trainer train --help` shows the config groups and Hydra's flags)
+
+examples:
+  trainer train                                   # the default experiment: a small GPT on CPU
+  trainer train experiment=digits_mlp             # another preset
+  trainer train strategy=ddp trainer.devices=2    # 2-process data parallel
+  trainer train --cfg job                         # print the composed config and exit
+
+exit codes: 0 success, 2 bad configuration or usage, other: the training failed (see its output)
+"""
+
+COMMANDS = ("train",)
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = sys.argv[1:] if argv is None else list(argv)
+    if not args or args[0] in ("-h", "--help", "help"):
+        print(USAGE, end="")
+        return 0
+    command, rest = args[0], args[1:]
+    if command == "train":
+        from trainer.train import cli_main
+
+        return cli_main(rest)
+    print(f"error: command {command!r}: expected one of {', '.join(COMMANDS)} (see `trainer --help`)", file=sys.stderr)
+    return 2
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,455 @@
+"""The typed schema of a run's configuration: one dataclass per component.
+
+YAML files under ``conf/`` select and override; these dataclasses define which keys exist, their types and
+their defaults. They are registered with Hydra's ConfigStore, so an unknown key or a value of the wrong type
+is an error at composition time instead of being silently accepted.
+
+Each component receives only its own slice (``cfg.model``, ``cfg.data``, ...), never the root. Checks that
+concern a single field live in ``__post_init__`` (run when the slice is turned into its dataclass); checks
+that need the machine (device counts, precision support) or two slices live in ``trainer.config.validate``.
+
+This module imports no torch: ``trainer --help`` and the launch side read it on login nodes.
+"""
+
+from __future__ import annotations
+
+import glob
+import os
+from dataclasses import dataclass, field
+from typing import Any
+
+from omegaconf import MISSING
+
+from trainer.config.errors import ConfigError
+
+# ---------------------------------------------------------------------------------------------- helpers
+
+
+def _positive(key: str, value: float | int | None) -> None:
+    if value is None or value <= 0:
+        raise ConfigError(key, value, "a number > 0")
+
+
+def _non_negative(key: str, value: float | int | None) -> None:
+    if value is None or value < 0:
+        raise ConfigError(key, value, "a number >= 0")
+
+
+def _one_of(key: str, value: Any, allowed: tuple) -> None:
+    if value not in allowed:
+        raise ConfigError(key, value, "one of " + ", ".join(str(a) for a in allowed))
+
+
+# ---------------------------------------------------------------------------------------------- run
+
+
+@dataclass
+class RunConfig:
+    """Where a run lives. The run's identity (``name``) is what resume and requeue rely on."""
+
+    name: str | None = None
+    """Run name. Default: ``<experiment>-<8 hex digits of the config hash>``, so re-running the same command
+    finds the same directory."""
+    root: str = "runs"
+    """Folder that holds run directories (relative to the current directory unless absolute)."""
+    dir: str | None = None
+    """The run directory. Default: ``<root>/<name>``."""
+
+
+# ---------------------------------------------------------------------------------------------- model
+
+
+@dataclass
+class GPTConfig:
+    """Decoder-only transformer language model (GPT-2 style, pre-norm, causal self-attention)."""
+
+    _target_: str = "trainer.models.gpt.GPTModule"
+    n_layer: int = 4
+    """Number of transformer blocks."""
+    n_head: int = 4
+    """Attention heads per block; must divide ``n_embd``."""
+    n_embd: int = 128
+    """Width of the residual stream."""
+    block_size: int = 128
+    """Context length in tokens; the data's sequence length follows it."""
+    vocab_size: int = 256
+    """Vocabulary size; 256 for byte-level text."""
+    dropout: float = 0.0
+    """Dropout probability in attention and MLP outputs, in [0, 1)."""
+    bias: bool = False
+    """Use biases in linear layers and layer norms."""
+    tie_weights: bool = True
+    """Share the token embedding with the output projection (saves vocab_size * n_embd parameters)."""
+
+    def __post_init__(self) -> None:
+        for key in ("n_layer", "n_head", "n_embd", "block_size", "vocab_size"):
+            _positive(key, getattr(self, key))
+        if self.n_embd % self.n_head:
+            raise ConfigError("n_head", self.n_head, f"a divisor of n_embd={self.n_embd}")
+        if not 0.0 <= self.dropout < 1.0:
+            raise ConfigError("dropout", self.dropout, "a number in [0, 1)")
+
+
+@dataclass
+class MLPConfig:
+    """Multi-layer perceptron classifier over flat feature vectors."""
+
+    _target_: str = "trainer.models.mlp.MLPModule"
+    in_features: int = 64
+    """Input features per sample (64 for the 8x8 digits)."""
+    hidden: list[int] = field(default_factory=lambda: [128, 128])
+    """Widths of the hidden layers."""
+    num_classes: int = 10
+    """Number of output classes."""
+    dropout: float = 0.1
+    """Dropout after each hidden layer, in [0, 1)."""
+
+    def __post_init__(self) -> None:
+        _positive("in_features", self.in_features)
+        _positive("num_classes", self.num_classes)
+        for width in self.hidden:
+            _positive("hidden", width)
+        if not 0.0 <= self.dropout < 1.0:
+            raise ConfigError("dropout", self.dropout, "a number in [0, 1)")
+
+
+# ---------------------------------------------------------------------------------------------- optim
+
+
+@dataclass
+class OptimConfig:
+    """AdamW with a linear warmup then cosine (or constant) learning-rate schedule."""
+
+    lr: float = 3e-3
+    """Peak learning rate."""
+    weight_decay: float = 0.1
+    """Decoupled weight decay, applied to matrices only (not to biases, norms)."""
+    betas: list[float] = field(default_factory=lambda: [0.9, 0.95])
+    """Adam's (beta1, beta2)."""
+    eps: float = 1e-8
+    """Adam's epsilon."""
+    warmup_steps: int = 20
+    """Optimizer steps of linear warmup from 0 to ``lr``."""
+    schedule: str = "cosine"
+    """After warmup: ``cosine`` decays to ``lr * min_lr_ratio`` at the last step; ``constant`` keeps ``lr``."""
+    min_lr_ratio: float = 0.1
+    """Final learning rate as a fraction of ``lr`` (cosine only)."""
+
+    def __post_init__(self) -> None:
+        _positive("lr", self.lr)
+        _non_negative("weight_decay", self.weight_decay)
+        _positive("eps", self.eps)
+        _non_negative("warmup_steps", self.warmup_steps)
+        _one_of("schedule", self.schedule, ("cosine", "constant"))
+        if not 0.0 <= self.min_lr_ratio <= 1.0:
+            raise ConfigError("min_lr_ratio", self.min_lr_ratio, "a number in [0, 1]")
+        if len(self.betas) != 2 or not all(0.0 <= b < 1.0 for b in self.betas):
+            raise ConfigError("betas", list(self.betas), "two numbers in [0, 1)")
+
+
+# ---------------------------------------------------------------------------------------------- data
+
+
+def python_stdlib_dir() -> str:
+    """The installed Python standard library: a real text corpus that exists on every machine offline."""
+    import sysconfig
+
+    return sysconfig.get_paths()["stdlib"]
+
+
+# Parts of the standard library that are not representative source code (test fixtures, bundled tools).
+STDLIB_EXCLUDE = ("test/", "tests/", "idlelib/", "lib2to3/", "site-packages/", "dist-packages/")
+
+
+def resolve_text_files(path: str | None, pattern: str) -> list[str]:
+    """Files of the text corpus, sorted so every rank and every re-run sees the same order.
+
+    ``path`` is a file, a directory (searched with ``pattern``) or a glob; ``None`` means the standard
+    library's own ``*.py`` files.
+    """
+    if path is None:
+        root = python_stdlib_dir()
+        files = glob.glob(os.path.join(root, "**", "*.py"), recursive=True)
+        rel = ((f, os.path.relpath(f, root).replace(os.sep, "/")) for f in files)
+        return sorted(f for f, r in rel if not any(part in r for part in STDLIB_EXCLUDE))
+    path = os.path.expanduser(path)
+    if os.path.isdir(path):
+        return sorted(f for f in glob.glob(os.path.join(path, pattern), recursive=True) if os.path.isfile(f))
+    if glob.has_magic(path):
+        return sorted(f for f in glob.glob(path, recursive=True) if os.path.isfile(f))
+    return [path] if os.path.isfile(path) else []
+
+
+@dataclass
+class TextDataConfig:
+    """Byte-level language modelling over text files: every byte is a token (vocab 256)."""
+
+    _target_: str = "trainer.data.text.TextDataModule"
+    path: str | None = None
+    """A file, a directory or a glob. ``null``: the installed Python standard library's source files."""
+    pattern: str = "**/*.py"
+    """Files to take when ``path`` is a directory (recursive glob)."""
+    seq_len: int = 128
+    """Tokens per sample (the conf file ties it to ``model.block_size``)."""
+    val_fraction: float = 0.05
+    """Fraction of the corpus (its last bytes) held out for validation."""
+    max_bytes: int | None = None
+    """Use at most this many bytes of the corpus (``null``: all of it)."""
+    batch_size: int = 32
+    """Samples per device per micro-batch."""
+    num_workers: int = 0
+    """DataLoader worker processes per rank (0: load in the training process)."""
+    seed: int = 0
+    """Seed of the data order; the conf file ties it to the run's ``seed``."""
+    shuffle: bool = True
+    """Shuffle training samples each epoch (the order is a function of seed and epoch only)."""
+
+    def __post_init__(self) -> None:
+        _positive("batch_size", self.batch_size)
+        _positive("seq_len", self.seq_len)
+        _non_negative("num_workers", self.num_workers)
+        if not 0.0 < self.val_fraction < 1.0:
+            raise ConfigError("val_fraction", self.val_fraction, "a number in (0, 1)")
+        if self.max_bytes is not None:
+            _positive("max_bytes", self.max_bytes)
+        files = resolve_text_files(self.path, self.pattern)
+        if not files:
+            if self.path is not None and not glob.has_magic(self.path) and not os.path.exists(self.path):
+                raise ConfigError("path", self.path, "an existing file, directory or glob (no such path)")
+            raise ConfigError("path", self.path, f"a path whose pattern {self.pattern!r} matches files (none do)")
+        total = sum(os.path.getsize(f) for f in files)
+        if self.max_bytes is not None:
+            total = min(total, self.max_bytes)
+        needed = 2 * (self.seq_len + 1)
+        if total < needed:
+            raise ConfigError(
+                "path", self.path, f"a corpus of at least {needed} bytes for seq_len={self.seq_len} (it has {total})"
+            )
+
+
+@dataclass
+class DigitsDataConfig:
+    """scikit-learn's 8x8 handwritten digits (1797 images, 10 classes): real data shipped with the package."""
+
+    _target_: str = "trainer.data.digits.DigitsDataModule"
+    val_fraction: float = 0.2
+    """Fraction of images held out for validation (stratified by a seeded shuffle)."""
+    batch_size: int = 64
+    """Samples per device per micro-batch."""
+    num_workers: int = 0
+    """DataLoader worker processes per rank."""
+    seed: int = 0
+    """Seed of the split and the data order; the conf file ties it to the run's ``seed``."""
+    shuffle: bool = True
+    """Shuffle training samples each epoch."""
+
+    def __post_init__(self) -> None:
+        _positive("batch_size", self.batch_size)
+        _non_negative("num_workers", self.num_workers)
+        if not 0.0 < self.val_fraction < 1.0:
+            raise ConfigError("val_fraction", self.val_fraction, "a number in (0, 1)")
+
+
+@dataclass
+class SyntheticDataConfig:
+    """Random tokens generated on the fly from (seed, index): measures the trainer, not the data pipeline."""
+
+    _target_: str = "trainer.data.synthetic.SyntheticDataModule"
+    num_samples: int = 65536
+    """Training samples per epoch (validation gets 1/16 of that)."""
+    seq_len: int = 128
+    """Tokens per sample (tied to ``model.block_size`` in the conf file)."""
+    vocab_size: int = 256
+    """Token ids are drawn from [0, vocab_size) (tied to ``model.vocab_size``)."""
+    batch_size: int = 32
+    """Samples per device per micro-batch."""
+    num_workers: int = 0
+    """DataLoader worker processes per rank."""
+    seed: int = 0
+    """Seed of the generated tokens and the order."""
+    shuffle: bool = True
+    """Shuffle training samples each epoch."""
+
+    def __post_init__(self) -> None:
+        for key in ("num_samples", "seq_len", "vocab_size", "batch_size"):
+            _positive(key, getattr(self, key))
+        _non_negative("num_workers", self.num_workers)
+
+
+# ---------------------------------------------------------------------------------------------- strategy
+
+STRATEGIES = ("auto", "ddp", "fsdp")
+
+
+@dataclass
+class StrategyConfig:
+    """How the model is spread over processes. FSDP settings live here too."""
+
+    name: str = "auto"
+    """``auto``: one process; ``ddp``: one replica per device; ``fsdp``: parameters sharded over devices."""
+    backend: str | None = None
+    """Process-group backend; ``null`` picks ``nccl`` on CUDA and ``gloo`` on CPU."""
+    timeout_s: int = 1800
+    """Collective timeout in seconds: how long a rank waits for the others before the job fails."""
+    find_unused_parameters: bool = False
+    """DDP: tolerate parameters that get no gradient in a step (slower; only for models that need it)."""
+    static_graph: bool = False
+    """DDP: the set of used parameters never changes between steps (enables some optimisations)."""
+    sharding: str = "full"
+    """FSDP: ``full`` (shard over all ranks) or ``hybrid`` (shard within a node, replicate across nodes)."""
+    activation_checkpointing: bool = False
+    """FSDP: recompute each block's activations in the backward pass to save memory."""
+    cpu_offload: bool = False
+    """FSDP: keep sharded parameters and optimizer state in CPU memory."""
+
+    def __post_init__(self) -> None:
+        _one_of("name", self.name, STRATEGIES)
+        if self.backend is not None:
+            _one_of("backend", self.backend, ("nccl", "gloo"))
+        _positive("timeout_s", self.timeout_s)
+        _one_of("sharding", self.sharding, ("full", "hybrid"))
+
+
+# ---------------------------------------------------------------------------------------------- precision
+
+PRECISIONS = ("32", "bf16-mixed", "16-mixed", "bf16-true")
+
+
+@dataclass
+class PrecisionConfig:
+    """Numeric precision of the training step (Lightning's precision names)."""
+
+    value: str = "32"
+    """``32`` (fp32), ``bf16-mixed``, ``16-mixed`` (CUDA only, with loss scaling) or ``bf16-true``."""
+
+    def __post_init__(self) -> None:
+        _one_of("value", str(self.value), PRECISIONS)
+
+
+# ---------------------------------------------------------------------------------------------- trainer
+
+ACCELERATORS = ("auto", "cpu", "gpu", "cuda", "mps")
+
+
+@dataclass
+class TrainerConfig:
+    """The training loop: where it runs, how long, how often it validates and logs."""
+
+    accelerator: str = "auto"
+    """``auto`` (a CUDA GPU if there is one, else CPU), ``cpu``, ``gpu``/``cuda`` or ``mps``."""
+    devices: int = 1
+    """Devices (processes) per node. More than one needs ``strategy=ddp`` or ``strategy=fsdp``."""
+    num_nodes: int = 1
+    """Nodes taking part (more than one only under a cluster launcher such as SLURM)."""
+    max_steps: int = 300
+    """Optimizer steps to train for; -1 trains for ``max_epochs`` instead."""
+    max_epochs: int | None = None
+    """Epochs to train for when ``max_steps`` is -1."""
+    accumulate_grad_batches: int = 1
+    """Micro-batches whose gradients are summed before each optimizer step."""
+    gradient_clip_val: float | None = 1.0
+    """Clip the global gradient norm to this value (``null``: no clipping)."""
+    val_check_interval: int = 100
+    """Validate every this many training batches."""
+    limit_val_batches: int | None = 20
+    """Validation batches per validation (``null``: the whole validation set; 0 disables validation)."""
+    num_sanity_val_steps: int = 0
+    """Validation batches run before training starts, to catch errors in validation early."""
+    log_every_n_steps: int = 10
+    """Write a metrics row every this many optimizer steps."""
+    deterministic: bool = False
+    """Ask torch for deterministic kernels (slower; errors where an op has none)."""
+    enable_progress_bar: bool = True
+    """Show a progress bar on rank zero."""
+
+    def __post_init__(self) -> None:
+        _one_of("accelerator", self.accelerator, ACCELERATORS)
+        _positive("devices", self.devices)
+        _positive("num_nodes", self.num_nodes)
+        if self.max_steps == -1:
+            if self.max_epochs is None or self.max_epochs <= 0:
+                raise ConfigError("max_epochs", self.max_epochs, "a number > 0 when max_steps is -1")
+        else:
+            _positive("max_steps", self.max_steps)
+        _positive("accumulate_grad_batches", self.accumulate_grad_batches)
+        if self.gradient_clip_val is not None:
+            _positive("gradient_clip_val", self.gradient_clip_val)
+        _positive("val_check_interval", self.val_check_interval)
+        if self.limit_val_batches is not None:
+            _non_negative("limit_val_batches", self.limit_val_batches)
+        _non_negative("num_sanity_val_steps", self.num_sanity_val_steps)
+        _positive("log_every_n_steps", self.log_every_n_steps)
+
+
+# ---------------------------------------------------------------------------------------------- logger
+
+
+@dataclass
+class CSVLoggerConfig:
+    """Metrics as CSV in ``<run.dir>/metrics.csv``: always there, needs nothing."""
+
+    flush_every_n_rows: int = 1
+    """Rows buffered before they are written to disk (1: every row is on disk at once)."""
+
+    def __post_init__(self) -> None:
+        _positive("flush_every_n_rows", self.flush_every_n_rows)
+
+
+@dataclass
+class LoggerConfig:
+    """Experiment trackers; each option of the ``logger`` group fills its own key (``logger=[csv,...]``)."""
+
+    csv: CSVLoggerConfig | None = None
+    """CSV metrics file; on by default."""
+
+
+# ---------------------------------------------------------------------------------------------- checkpoint
+
+
+@dataclass
+class CheckpointConfig:
+    """Checkpoints under ``<run.dir>/checkpoints``; ``last.ckpt`` is always written at the end of a run."""
+
+    every_n_steps: int = 100
+    """Also save ``last.ckpt`` every this many optimizer steps (0: only at the end)."""
+
+    def __post_init__(self) -> None:
+        _non_negative("every_n_steps", self.every_n_steps)
+
+
+# ---------------------------------------------------------------------------------------------- root
+
+
+@dataclass
+class TrainConfig:
+    """The root of a training run's configuration; ``conf/train.yaml`` lists the default of each group."""
+
+    seed: int = 1234
+    """Seed of model initialisation, dropout and (through ``data.seed``) the data order."""
+    resume: str = "auto"
+    """``auto``: continue from ``<run.dir>/checkpoints/last.ckpt`` when it exists; ``never``: refuse to reuse
+    an existing run directory; or the path of a checkpoint to start from."""
+    run: RunConfig = field(default_factory=RunConfig)
+    model: Any = MISSING
+    """The LightningModule: ``_target_`` plus its constructor arguments (group ``model``)."""
+    data: Any = MISSING
+    """The LightningDataModule: ``_target_`` plus its constructor arguments (group ``data``)."""
+    optim: OptimConfig = field(default_factory=OptimConfig)
+    strategy: StrategyConfig = field(default_factory=StrategyConfig)
+    precision: PrecisionConfig = field(default_factory=PrecisionConfig)
+    trainer: TrainerConfig = field(default_factory=TrainerConfig)
+    logger: LoggerConfig = field(default_factory=LoggerConfig)
+    checkpoint: CheckpointConfig = field(default_factory=CheckpointConfig)
+
+
+def register() -> None:
+    """Register the schema with Hydra's ConfigStore (YAML files name these as their first default)."""
+    from hydra.core.config_store import ConfigStore
+
+    cs = ConfigStore.instance()
+    cs.store(name="train_schema", node=TrainConfig)
+    cs.store(group="model", name="gpt_schema", node=GPTConfig)
+    cs.store(group="model", name="mlp_schema", node=MLPConfig)
+    cs.store(group="data", name="text_schema", node=TextDataConfig)
+    cs.store(group="data", name="digits_schema", node=DigitsDataConfig)
+    cs.store(group="data", name="synthetic_schema", node=SyntheticDataConfig)

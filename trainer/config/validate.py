@@ -1,0 +1,122 @@
+"""Turn a composed config into typed slices and check what single fields cannot: the machine and the pairs.
+
+Everything here runs before any process is spawned and before any file is written; each failure is one
+``ConfigError`` line.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import os
+from typing import Any
+
+from omegaconf import DictConfig, OmegaConf
+
+from trainer.config.errors import ConfigError
+from trainer.config.schema import TrainConfig
+
+# What each built-in component learns from, so an impossible pair fails at once instead of in the first step.
+_TASK_OF_TARGET = {
+    "trainer.models.gpt.GPTModule": "lm",
+    "trainer.models.mlp.MLPModule": "classification",
+    "trainer.data.text.TextDataModule": "lm",
+    "trainer.data.synthetic.SyntheticDataModule": "lm",
+    "trainer.data.digits.DigitsDataModule": "classification",
+}
+
+
+def to_typed(cfg: DictConfig) -> TrainConfig:
+    """Resolve interpolations and build each slice's dataclass (running its ``__post_init__`` checks)."""
+    slices: dict[str, Any] = {}
+    for field in dataclasses.fields(TrainConfig):
+        node = cfg[field.name]
+        try:
+            slices[field.name] = OmegaConf.to_object(node) if isinstance(node, DictConfig) else node
+        except ConfigError as err:
+            raise err.with_prefix(field.name) from None
+    return TrainConfig(**slices)
+
+
+def resolve_accelerator(requested: str) -> str:
+    """``auto`` becomes what this machine has; the answer is what Lightning gets (``cpu``, ``gpu`` or ``mps``)."""
+    if requested == "cpu":
+        return "cpu"
+    import torch
+
+    if requested in ("gpu", "cuda"):
+        if not torch.cuda.is_available():
+            raise ConfigError("trainer.accelerator", requested, "cpu or auto (no CUDA GPU is visible here)")
+        return "gpu"
+    if requested == "mps":
+        if not torch.backends.mps.is_available():
+            raise ConfigError("trainer.accelerator", requested, "cpu or auto (MPS is not available here)")
+        return "mps"
+    if torch.cuda.is_available():
+        return "gpu"
+    return "cpu"
+
+
+def launched_externally() -> bool:
+    """True inside a multi-process launcher (torchrun, SLURM's srun) that has already set ranks."""
+    if "LOCAL_RANK" in os.environ and "WORLD_SIZE" in os.environ:
+        return True
+    return int(os.environ.get("SLURM_NTASKS", "1")) > 1 and "SLURM_PROCID" in os.environ
+
+
+def check(conf: TrainConfig) -> str:
+    """Checks across slices and against this machine. Returns the accelerator Lightning should use."""
+    model_task = _TASK_OF_TARGET.get(_target(conf.model))
+    data_task = _TASK_OF_TARGET.get(_target(conf.data))
+    if model_task and data_task and model_task != data_task:
+        raise ConfigError(
+            "data._target_", _target(conf.data), f"a data module for a {model_task} model like {_target(conf.model)}"
+        )
+
+    strategy, trainer = conf.strategy, conf.trainer
+    if strategy.name == "fsdp":
+        raise ConfigError("strategy", "fsdp", "auto or ddp (FSDP2 support is not in this release yet)")
+    if trainer.devices > 1 and strategy.name == "auto":
+        raise ConfigError("trainer.devices", trainer.devices, "1 with strategy=auto (use strategy=ddp for more)")
+    if trainer.num_nodes > 1 and not launched_externally():
+        raise ConfigError(
+            "trainer.num_nodes", trainer.num_nodes, "1 here (several nodes need a cluster launcher such as srun)"
+        )
+
+    accelerator = resolve_accelerator(trainer.accelerator)
+    available = _device_count(accelerator)
+    if trainer.devices > available:
+        raise ConfigError(
+            "trainer.devices", trainer.devices, f"at most {available} (the {accelerator} devices of this machine)"
+        )
+
+    precision = str(conf.precision.value)
+    if precision == "16-mixed" and accelerator != "gpu":
+        raise ConfigError("precision", precision, f"32, bf16-mixed or bf16-true on {accelerator} (16-mixed needs CUDA)")
+    if precision.startswith("bf16") and accelerator == "gpu":
+        import torch
+
+        if not torch.cuda.is_bf16_supported():
+            raise ConfigError("precision", precision, "32 or 16-mixed (this GPU has no bf16)")
+
+    if conf.resume not in ("auto", "never") and not os.path.exists(conf.resume):
+        raise ConfigError("resume", conf.resume, "auto, never or the path of an existing checkpoint")
+    return accelerator
+
+
+def _target(node: Any) -> str | None:
+    if dataclasses.is_dataclass(node):
+        return getattr(node, "_target_", None)
+    if isinstance(node, dict):
+        return node.get("_target_")
+    return None
+
+
+def _device_count(accelerator: str) -> int:
+    if accelerator == "gpu":
+        import torch
+
+        return torch.cuda.device_count()
+    if accelerator == "mps":
+        return 1
+    # CPU "devices" are processes; more of them than cores only makes each one slower.
+    return os.cpu_count() or 1

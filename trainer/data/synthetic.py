@@ -1,0 +1,48 @@
+"""Random token sequences generated from (seed, index): no I/O, so benchmarks measure the trainer."""
+
+from __future__ import annotations
+
+import pytorch_lightning as pl
+import torch
+from torch.utils.data import DataLoader, Dataset
+
+from trainer.data.loading import make_loader
+
+
+class RandomTokens(Dataset):
+    def __init__(self, num_samples: int, seq_len: int, vocab_size: int, seed: int) -> None:
+        self.num_samples, self.seq_len, self.vocab_size, self.seed = num_samples, seq_len, vocab_size, seed
+
+    def __len__(self) -> int:
+        return self.num_samples
+
+    def __getitem__(self, i: int) -> tuple[torch.Tensor, torch.Tensor]:
+        g = torch.Generator().manual_seed(self.seed * 1_000_003 + i)
+        chunk = torch.randint(self.vocab_size, (self.seq_len + 1,), generator=g)
+        return chunk[:-1], chunk[1:]
+
+
+class SyntheticDataModule(pl.LightningDataModule):
+    def __init__(
+        self,
+        num_samples: int = 65536,
+        seq_len: int = 128,
+        vocab_size: int = 256,
+        batch_size: int = 32,
+        num_workers: int = 0,
+        seed: int = 0,
+        shuffle: bool = True,
+    ) -> None:
+        super().__init__()
+        self.batch_size, self.num_workers, self.seed, self.shuffle = batch_size, num_workers, seed, shuffle
+        self.train_set = RandomTokens(num_samples, seq_len, vocab_size, seed)
+        # A different seed stream for validation, so it never repeats training samples.
+        self.val_set = RandomTokens(max(1, num_samples // 16), seq_len, vocab_size, seed + 1)
+
+    def train_dataloader(self) -> DataLoader:
+        return make_loader(self.train_set, trainer=self.trainer, batch_size=self.batch_size,
+                           num_workers=self.num_workers, seed=self.seed, shuffle=self.shuffle, train=True)  # fmt: skip
+
+    def val_dataloader(self) -> DataLoader:
+        return make_loader(self.val_set, trainer=self.trainer, batch_size=self.batch_size,
+                           num_workers=self.num_workers, seed=self.seed, shuffle=False, train=False)  # fmt: skip

@@ -1,0 +1,194 @@
+"""The training side: build each component from its own config slice, fit, save, summarise.
+
+Runs in every training process (one, or one per device under torchrun/srun); only rank zero writes to the
+run directory and prints.
+"""
+
+from __future__ import annotations
+
+import logging
+import time
+from datetime import timedelta
+from typing import Any
+
+import pytorch_lightning as pl
+from hydra.utils import instantiate
+from pytorch_lightning.callbacks import ModelCheckpoint
+
+from trainer import rundir
+from trainer.checkpoint import AtomicCheckpointIO
+from trainer.config.schema import (
+    CheckpointConfig,
+    LoggerConfig,
+    OptimConfig,
+    PrecisionConfig,
+    StrategyConfig,
+    TrainConfig,
+    TrainerConfig,
+)
+from trainer.metrics.csv_logger import CSVMetricsLogger
+from trainer.metrics.throughput import ThroughputMonitor
+
+log = logging.getLogger("trainer")
+
+
+def build_model(model_cfg: Any, optim: OptimConfig) -> pl.LightningModule:
+    """The LightningModule named by ``model._target_``; it gets the ``optim`` slice if it takes one."""
+    import inspect
+
+    from hydra.utils import get_class
+
+    target = model_cfg["_target_"] if isinstance(model_cfg, dict) else model_cfg._target_
+    params = inspect.signature(get_class(target).__init__).parameters
+    extra = {"optim": _plain(optim)} if "optim" in params else {}
+    module = instantiate(model_cfg, **extra, _convert_="all")
+    if not isinstance(module, pl.LightningModule):
+        raise TypeError(f"model._target_={target} is not a pytorch_lightning.LightningModule")
+    return module
+
+
+def build_data(data_cfg: Any) -> pl.LightningDataModule:
+    module = instantiate(data_cfg, _convert_="all")
+    if not isinstance(module, pl.LightningDataModule):
+        raise TypeError(f"data._target_ built a {type(module).__name__}, not a pytorch_lightning.LightningDataModule")
+    return module
+
+
+def build_strategy(strategy: StrategyConfig, trainer: TrainerConfig, accelerator: str) -> Any:
+    if strategy.name == "auto":
+        return "auto"
+    from pytorch_lightning.strategies import DDPStrategy
+
+    return DDPStrategy(
+        process_group_backend=strategy.backend or ("nccl" if accelerator == "gpu" else "gloo"),
+        timeout=timedelta(seconds=strategy.timeout_s),
+        find_unused_parameters=strategy.find_unused_parameters,
+        static_graph=strategy.static_graph,
+    )
+
+
+def build_trainer(
+    trainer: TrainerConfig,
+    strategy: StrategyConfig,
+    precision: PrecisionConfig,
+    checkpoint: CheckpointConfig,
+    logger: LoggerConfig,
+    accelerator: str,
+    paths: rundir.RunPaths,
+) -> tuple[pl.Trainer, ThroughputMonitor]:
+    monitor = ThroughputMonitor(trainer.log_every_n_steps, accelerator, str(precision.value))
+    callbacks: list[pl.Callback] = [monitor]
+    if checkpoint.every_n_steps:
+        callbacks.append(
+            ModelCheckpoint(dirpath=paths.checkpoints, every_n_train_steps=checkpoint.every_n_steps,
+                            save_top_k=0, save_last=True)  # fmt: skip
+        )
+    loggers = [CSVMetricsLogger(paths.metrics, logger.csv.flush_every_n_rows)] if logger.csv else []
+    pl_trainer = pl.Trainer(
+        accelerator=accelerator,
+        devices=trainer.devices,
+        num_nodes=trainer.num_nodes,
+        strategy=build_strategy(strategy, trainer, accelerator),
+        precision=str(precision.value),
+        max_steps=trainer.max_steps,
+        max_epochs=trainer.max_epochs if trainer.max_steps == -1 else -1,
+        accumulate_grad_batches=trainer.accumulate_grad_batches,
+        gradient_clip_val=trainer.gradient_clip_val,
+        val_check_interval=trainer.val_check_interval,
+        check_val_every_n_epoch=None,  # val_check_interval counts batches across epoch boundaries
+        limit_val_batches=trainer.limit_val_batches if trainer.limit_val_batches is not None else 1.0,
+        num_sanity_val_steps=trainer.num_sanity_val_steps,
+        log_every_n_steps=trainer.log_every_n_steps,
+        deterministic=trainer.deterministic,
+        enable_progress_bar=trainer.enable_progress_bar,
+        enable_checkpointing=bool(checkpoint.every_n_steps),
+        enable_model_summary=False,
+        logger=loggers or False,
+        callbacks=callbacks,
+        plugins=[AtomicCheckpointIO()],
+        default_root_dir=str(paths.dir),
+    )
+    return pl_trainer, monitor
+
+
+def fit(
+    conf: TrainConfig, resolved: dict, paths: rundir.RunPaths, plan: rundir.Plan, overrides: list[str], accelerator: str
+) -> dict:
+    started = time.perf_counter()
+    pl.seed_everything(conf.seed, workers=True, verbose=False)
+    data = build_data(conf.data)
+    model = build_model(conf.model, conf.optim)
+    trainer, monitor = build_trainer(
+        conf.trainer, conf.strategy, conf.precision, conf.checkpoint, conf.logger, accelerator, paths
+    )
+    if trainer.is_global_zero:
+        rundir.start(paths, resolved, overrides, plan, conf.seed, trainer.world_size)
+        if plan.action == "resume":
+            log.info("resuming %s from %s", paths.name, plan.checkpoint)
+    try:
+        trainer.fit(model, datamodule=data, ckpt_path=plan.checkpoint)
+        trainer.save_checkpoint(paths.last_checkpoint)
+    except BaseException:
+        if trainer.is_global_zero:
+            rundir.finish(paths, "failed")
+        raise
+    summary = summarise(trainer, monitor, paths, time.perf_counter() - started)
+    if trainer.is_global_zero:
+        rundir.finish(paths, "finished", summary)
+        print_summary(summary)
+    return summary
+
+
+def summarise(trainer: pl.Trainer, monitor: ThroughputMonitor, paths: rundir.RunPaths, seconds: float) -> dict:
+    rows = monitor.history
+    # Skip the first logged window: it holds start-up work (first kernels, allocator warm-up).
+    steady = rows[1:] or rows
+
+    def mean(key: str) -> float | None:
+        values = [r[key] for r in steady if key in r]
+        return sum(values) / len(values) if values else None
+
+    def last(key: str) -> float | None:
+        values = [r[key] for r in rows if key in r]
+        return values[-1] if values else None
+
+    val = trainer.callback_metrics.get("val/loss")
+    return {
+        "steps": trainer.global_step,
+        "world_size": trainer.world_size,
+        "train_loss": last("train/loss"),
+        "val_loss": float(val) if val is not None else None,
+        "samples_per_sec": mean("train/samples_per_sec"),
+        "tokens_per_sec": mean("train/tokens_per_sec"),
+        "mfu": mean("train/mfu"),
+        "data_wait_frac": mean("train/data_wait_frac"),
+        "peak_flops": monitor.peak_flops,
+        "peak_source": monitor.peak_source,
+        "wall_time_s": seconds,
+        "run_dir": str(paths.dir),
+        "metrics": str(paths.metrics),
+        "checkpoint": str(paths.last_checkpoint),
+    }
+
+
+def print_summary(s: dict) -> None:
+    def num(value: float | None, fmt: str) -> str:
+        return "n/a" if value is None else format(value, fmt)
+
+    lines = [
+        f"finished {s['steps']} steps on {s['world_size']} process(es) in {s['wall_time_s']:.1f} s",
+        f"  train loss {num(s['train_loss'], '.4f')}   val loss {num(s['val_loss'], '.4f')}",
+        f"  throughput {num(s['samples_per_sec'], ',.0f')} samples/s   {num(s['tokens_per_sec'], ',.0f')} tokens/s"
+        f"   MFU {num(s['mfu'] and s['mfu'] * 100, '.1f')}% (peak: {s['peak_source']})"
+        f"   data wait {num(s['data_wait_frac'] and s['data_wait_frac'] * 100, '.1f')}%",
+        f"  run dir     {s['run_dir']}",
+        f"  metrics     {s['metrics']}",
+        f"  checkpoint  {s['checkpoint']}",
+    ]
+    print("\n".join(lines), flush=True)
+
+
+def _plain(obj: Any) -> Any:
+    import dataclasses
+
+    return dataclasses.asdict(obj) if dataclasses.is_dataclass(obj) else obj

@@ -1,0 +1,119 @@
+"""``<run.dir>/metrics.csv``: one row per logged step, the same columns from the first row to the last.
+
+Lightning's own CSVLogger names its folder per version and rewrites the file when a new key appears; ours
+keeps the run's single file, merges everything logged for a step (train and val) into one row, and on resume
+drops the rows after the checkpoint's step so a resumed run has no duplicated steps.
+"""
+
+from __future__ import annotations
+
+import csv
+import os
+from collections.abc import Mapping
+from pathlib import Path
+from typing import Any
+
+from pytorch_lightning.loggers.logger import Logger
+from pytorch_lightning.utilities import rank_zero_only
+
+COLUMNS = (
+    "step",
+    "epoch",
+    "train/loss",
+    "val/loss",
+    "train/lr",
+    "train/samples_per_sec",
+    "train/tokens_per_sec",
+    "train/mfu",
+    "train/step_time_s",
+    "train/data_wait_frac",
+)
+
+
+class CSVMetricsLogger(Logger):
+    def __init__(self, path: str | os.PathLike, flush_every_n_rows: int = 1) -> None:
+        super().__init__()
+        self.path = Path(path)
+        self.flush_every_n_rows = flush_every_n_rows
+        self.columns: list[str] = list(COLUMNS)
+        self._pending: dict[int, dict[str, Any]] = {}
+        self._written = 0
+
+    @property
+    def name(self) -> str:
+        return "csv"
+
+    @property
+    def version(self) -> str:
+        return ""
+
+    @property
+    def save_dir(self) -> str:
+        return str(self.path.parent)
+
+    @rank_zero_only
+    def log_hyperparams(self, params: Any, *args: Any, **kwargs: Any) -> None:
+        pass  # the run directory's config.yaml already holds the whole config
+
+    @rank_zero_only
+    def log_metrics(self, metrics: Mapping[str, float], step: int | None = None) -> None:
+        step = int(metrics.get("step", step if step is not None else 0))
+        row = self._pending.setdefault(step, {"step": step})
+        for key, value in metrics.items():
+            row[key] = float(value.item() if hasattr(value, "item") else value)
+        row["step"] = step
+        # Rows of earlier steps are complete once a later step is logged.
+        if len([s for s in self._pending if s < step]) >= self.flush_every_n_rows:
+            self._flush(below=step)
+
+    @rank_zero_only
+    def resume_at(self, step: int) -> None:
+        """Keep only rows up to ``step`` (the restored checkpoint's step) and append after them."""
+        self._pending.clear()
+        if not self.path.exists():
+            return
+        with self.path.open(newline="") as f:
+            reader = csv.DictReader(f)
+            header = reader.fieldnames or list(COLUMNS)
+            rows = [r for r in reader if r.get("step") and int(float(r["step"])) <= step]
+        self.columns = list(header)
+        self._rewrite(rows)
+
+    @rank_zero_only
+    def save(self) -> None:
+        # Lightning calls this after every log_metrics; the newest step may still get its val metrics.
+        if self._pending:
+            self._flush(below=max(self._pending))
+
+    @rank_zero_only
+    def finalize(self, status: str) -> None:
+        self._flush(below=None)
+
+    def _flush(self, below: int | None) -> None:
+        steps = sorted(s for s in self._pending if below is None or s < below)
+        if not steps:
+            return
+        rows = [self._pending.pop(s) for s in steps]
+        new_keys = [k for r in rows for k in r if k not in self.columns]
+        if new_keys:  # a module logged a key of its own: widen the file once, keeping earlier rows
+            existing = []
+            if self.path.exists():
+                with self.path.open(newline="") as f:
+                    existing = list(csv.DictReader(f))
+            self.columns += list(dict.fromkeys(new_keys))
+            self._rewrite(existing)
+        fresh = not self.path.exists()
+        with self.path.open("a", newline="") as f:
+            writer = csv.DictWriter(f, fieldnames=self.columns, restval="")
+            if fresh:
+                writer.writeheader()
+            writer.writerows(rows)
+            f.flush()
+
+    def _rewrite(self, rows: list[dict]) -> None:
+        tmp = self.path.with_name(f".{self.path.name}.tmp")
+        with tmp.open("w", newline="") as f:
+            writer = csv.DictWriter(f, fieldnames=self.columns, restval="", extrasaction="ignore")
+            writer.writeheader()
+            writer.writerows(rows)
+        os.replace(tmp, self.path)

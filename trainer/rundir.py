@@ -1,0 +1,232 @@
+"""A run's identity and the layout of its directory; shared by the training and the launch side.
+
+A run is named ``<experiment>-<hash>`` where the hash covers every key that changes what is trained, so the
+same command always finds the same directory: that is what resume and a SLURM requeue rely on. Only rank zero
+writes here. Nothing in this module imports torch.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import platform
+import subprocess
+import sys
+import time
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import yaml
+
+from trainer.config.errors import ConfigError
+
+# Keys that say where or how a run is watched, not what is trained: they do not change its identity.
+IDENTITY_EXCLUDED = ("run", "resume", "logger", "trainer.enable_progress_bar")
+# Keys that must match for a checkpoint in the run directory to be continued (others may change, e.g. a
+# longer max_steps continues a finished run).
+RESUME_MUST_MATCH = ("model", "data", "seed")
+
+CONFIG_FILE = "config.yaml"
+OVERRIDES_FILE = "overrides.yaml"
+STATE_FILE = "run.json"
+METRICS_FILE = "metrics.csv"
+CHECKPOINT_DIR = "checkpoints"
+LAST_CHECKPOINT = "last.ckpt"
+
+
+def _drop(cfg: dict, dotted: str) -> None:
+    head, _, rest = dotted.partition(".")
+    if rest:
+        if isinstance(cfg.get(head), dict):
+            _drop(cfg[head], rest)
+    else:
+        cfg.pop(head, None)
+
+
+def identity_view(cfg: dict) -> dict:
+    """The part of a resolved config (plain containers) that defines the run."""
+    view = json.loads(json.dumps(cfg, default=str))
+    for key in IDENTITY_EXCLUDED:
+        _drop(view, key)
+    return view
+
+
+def config_hash(cfg: dict) -> str:
+    blob = json.dumps(identity_view(cfg), sort_keys=True, separators=(",", ":"), default=str)
+    return hashlib.sha256(blob.encode()).hexdigest()[:8]
+
+
+@dataclass(frozen=True)
+class RunPaths:
+    name: str
+    dir: Path
+
+    @property
+    def config(self) -> Path:
+        return self.dir / CONFIG_FILE
+
+    @property
+    def overrides(self) -> Path:
+        return self.dir / OVERRIDES_FILE
+
+    @property
+    def state(self) -> Path:
+        return self.dir / STATE_FILE
+
+    @property
+    def metrics(self) -> Path:
+        return self.dir / METRICS_FILE
+
+    @property
+    def checkpoints(self) -> Path:
+        return self.dir / CHECKPOINT_DIR
+
+    @property
+    def last_checkpoint(self) -> Path:
+        return self.checkpoints / LAST_CHECKPOINT
+
+
+def resolve_paths(cfg: dict, experiment: str | None) -> RunPaths:
+    """``run.name`` and ``run.dir`` with their defaults filled in."""
+    run = cfg.get("run", {})
+    name = run.get("name") or f"{experiment or 'run'}-{config_hash(cfg)}"
+    if "/" in name or name in (".", ".."):
+        raise ConfigError("run.name", name, "a name without '/' (set run.dir for a path)")
+    directory = Path(run.get("dir") or Path(run.get("root", "runs")) / name)
+    return RunPaths(name=name, dir=directory)
+
+
+@dataclass(frozen=True)
+class Plan:
+    """What a run does with its directory."""
+
+    action: str
+    """``fresh``: start at step 0; ``resume``: continue from ``checkpoint``; ``done``: finished already."""
+    checkpoint: str | None = None
+
+
+def read_json(path: Path) -> dict | None:
+    try:
+        return json.loads(path.read_text())
+    except (OSError, ValueError):
+        return None
+
+
+def differing_keys(old: Any, new: Any, prefix: str = "") -> list[str]:
+    if isinstance(old, dict) and isinstance(new, dict):
+        out: list[str] = []
+        for key in sorted(set(old) | set(new)):
+            out += differing_keys(old.get(key), new.get(key), f"{prefix}{key}.")
+        return out
+    return [] if old == new else [prefix.rstrip(".")]
+
+
+def plan(paths: RunPaths, cfg: dict, resume: str, *, rank_zero: bool = True) -> Plan:
+    """Decide from what is on disk; refuse anything that would overwrite another run's files.
+
+    Only rank zero checks that a new run's directory is free: the other ranks may look after rank zero has
+    begun to write it.
+    """
+    if resume not in ("auto", "never"):
+        return Plan("resume", resume)
+    state = read_json(paths.state)
+    if state is None:
+        if rank_zero and paths.dir.exists() and any(paths.dir.iterdir()):
+            raise ConfigError("run.dir", str(paths.dir), "a new or empty directory, or a run directory (no run.json here)")
+        return Plan("fresh")
+    if resume == "never" and rank_zero:
+        raise ConfigError("resume", "never", f"auto, or a new run.name ({paths.dir} already holds a run)")
+    old_cfg = yaml.safe_load(paths.config.read_text()) if paths.config.exists() else {}
+    changed = [
+        k for k in differing_keys(identity_view(old_cfg), identity_view(cfg)) if k.split(".")[0] in RESUME_MUST_MATCH
+    ]
+    if changed:
+        shown = ", ".join(changed[:5]) + (" ..." if len(changed) > 5 else "")
+        raise ConfigError("run.dir", str(paths.dir), f"a run with the same model/data/seed; these differ: {shown}")
+    unchanged = not differing_keys(identity_view(old_cfg), identity_view(cfg))
+    if state.get("status") == "finished" and unchanged:
+        return Plan("done")
+    if paths.last_checkpoint.exists():
+        return Plan("resume", str(paths.last_checkpoint))
+    return Plan("fresh")
+
+
+# ---------------------------------------------------------------------------------------------- writing
+
+
+def _atomic_write(path: Path, text: str) -> None:
+    tmp = path.with_name(f".{path.name}.tmp")
+    tmp.write_text(text)
+    os.replace(tmp, path)
+
+
+def git_info(cwd: Path | None = None) -> dict:
+    """Commit and dirty flag of the code being run (the project's checkout, else the current directory)."""
+    here = cwd or Path(__file__).resolve().parent
+
+    def git(*args: str) -> str | None:
+        try:
+            out = subprocess.run(["git", *args], cwd=here, capture_output=True, text=True, timeout=5)
+        except (OSError, subprocess.SubprocessError):
+            return None
+        return out.stdout.strip() if out.returncode == 0 else None
+
+    commit = git("rev-parse", "HEAD")
+    if commit is None:
+        return {"commit": None, "dirty": None}
+    return {"commit": commit, "dirty": bool(git("status", "--porcelain", "--untracked-files=no"))}
+
+
+def package_versions() -> dict:
+    from importlib import metadata
+
+    names = ("trainer", "torch", "pytorch-lightning", "hydra-core", "omegaconf", "numpy", "scikit-learn", "wandb")
+    versions = {"python": platform.python_version()}
+    for name in names:
+        try:
+            versions[name] = metadata.version(name)
+        except metadata.PackageNotFoundError:
+            pass
+    return versions
+
+
+def start(paths: RunPaths, cfg: dict, overrides: list[str], plan_: Plan, seed: int, world_size: int) -> None:
+    """Rank zero, before training: write the config, the overrides and the run's state file."""
+    paths.checkpoints.mkdir(parents=True, exist_ok=True)
+    if paths.config.exists():
+        old = paths.config.read_text()
+        new = yaml.safe_dump(cfg, sort_keys=False)
+        if old != new:  # an allowed change (e.g. longer max_steps): keep what the earlier attempt used
+            n = len(list(paths.dir.glob("config.attempt-*.yaml"))) + 1
+            _atomic_write(paths.dir / f"config.attempt-{n}.yaml", old)
+    _atomic_write(paths.config, yaml.safe_dump(cfg, sort_keys=False))
+    _atomic_write(paths.overrides, yaml.safe_dump(list(overrides)))
+    state = read_json(paths.state) or {"name": paths.name, "created": time.time(), "attempts": []}
+    state.update(status="running", seed=seed, git=git_info(), versions=package_versions())
+    state["attempts"].append(
+        {
+            "started": time.time(),
+            "action": plan_.action,
+            "checkpoint": plan_.checkpoint,
+            "argv": sys.argv,
+            "overrides": list(overrides),
+            "host": platform.node(),
+            "world_size": world_size,
+            "slurm_job_id": os.environ.get("SLURM_JOB_ID"),
+        }
+    )
+    _atomic_write(paths.state, json.dumps(state, indent=2))
+
+
+def finish(paths: RunPaths, status: str, summary: dict | None = None) -> None:
+    """Rank zero, after training (or on failure): record the outcome."""
+    state = read_json(paths.state) or {"name": paths.name, "attempts": []}
+    state["status"] = status
+    if state["attempts"]:
+        state["attempts"][-1]["ended"] = time.time()
+        state["attempts"][-1]["status"] = status
+    if summary is not None:
+        state["summary"] = summary
+    _atomic_write(paths.state, json.dumps(state, indent=2))
