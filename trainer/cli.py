@@ -1,6 +1,6 @@
 """The ``trainer`` command: dispatches to a subcommand and imports nothing heavy before it knows which.
 
-    trainer train [hydra overrides]     train (one process, or local DDP workers)
+trainer train [hydra overrides]     train (one process, or local DDP workers)
 """
 
 from __future__ import annotations
@@ -36,7 +36,10 @@ def main(argv: list[str] | None = None) -> int:
         from trainer.train import cli_main
 
         return cli_main(rest)
-    print(f"error: command {command!r}: expected one of {', '.join(COMMANDS)} (see `trainer --help`)", file=sys.stderr)
+    print(
+        f"error: command {command!r}: expected one of {', '.join(COMMANDS)} (see `trainer --help`)",
+        file=sys.stderr,
+    )
     return 2
 
 

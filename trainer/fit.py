@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import logging
 import time
+import warnings
 from datetime import timedelta
 from typing import Any
 
@@ -27,9 +28,23 @@ from trainer.config.schema import (
     TrainerConfig,
 )
 from trainer.metrics.csv_logger import CSVMetricsLogger
+from trainer.metrics.progress import StepProgressBar
 from trainer.metrics.throughput import ThroughputMonitor
 
 log = logging.getLogger("trainer")
+
+# Lightning 2.6 calls a torch pytree API that torch 2.13 deprecates; nothing for users to act on.
+warnings.filterwarnings("ignore", message=r".*isinstance\(treespec, LeafSpec\)")
+
+
+class _DropAdverts(logging.Filter):
+    """Lightning advertises a hosted service on every run; it is not ours to show."""
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        return "Tip:" not in str(record.msg)
+
+
+logging.getLogger("pytorch_lightning.utilities.rank_zero").addFilter(_DropAdverts())
 
 
 def build_model(model_cfg: Any, optim: OptimConfig) -> pl.LightningModule:
@@ -50,7 +65,9 @@ def build_model(model_cfg: Any, optim: OptimConfig) -> pl.LightningModule:
 def build_data(data_cfg: Any) -> pl.LightningDataModule:
     module = instantiate(data_cfg, _convert_="all")
     if not isinstance(module, pl.LightningDataModule):
-        raise TypeError(f"data._target_ built a {type(module).__name__}, not a pytorch_lightning.LightningDataModule")
+        raise TypeError(
+            f"data._target_ built a {type(module).__name__}, not a pytorch_lightning.LightningDataModule"
+        )
     return module
 
 
@@ -78,10 +95,16 @@ def build_trainer(
 ) -> tuple[pl.Trainer, ThroughputMonitor]:
     monitor = ThroughputMonitor(trainer.log_every_n_steps, accelerator, str(precision.value))
     callbacks: list[pl.Callback] = [monitor]
+    if trainer.enable_progress_bar:
+        callbacks.append(StepProgressBar(trainer.log_every_n_steps))
     if checkpoint.every_n_steps:
         callbacks.append(
-            ModelCheckpoint(dirpath=paths.checkpoints, every_n_train_steps=checkpoint.every_n_steps,
-                            save_top_k=0, save_last=True)  # fmt: skip
+            ModelCheckpoint(
+                dirpath=paths.checkpoints,
+                every_n_train_steps=checkpoint.every_n_steps,
+                save_top_k=0,
+                save_last=True,
+            )  # fmt: skip
         )
     loggers = [CSVMetricsLogger(paths.metrics, logger.csv.flush_every_n_rows)] if logger.csv else []
     pl_trainer = pl.Trainer(
@@ -112,7 +135,12 @@ def build_trainer(
 
 
 def fit(
-    conf: TrainConfig, resolved: dict, paths: rundir.RunPaths, plan: rundir.Plan, overrides: list[str], accelerator: str
+    conf: TrainConfig,
+    resolved: dict,
+    paths: rundir.RunPaths,
+    plan: rundir.Plan,
+    overrides: list[str],
+    accelerator: str,
 ) -> dict:
     started = time.perf_counter()
     pl.seed_everything(conf.seed, workers=True, verbose=False)
@@ -127,7 +155,7 @@ def fit(
             log.info("resuming %s from %s", paths.name, plan.checkpoint)
     try:
         trainer.fit(model, datamodule=data, ckpt_path=plan.checkpoint)
-        trainer.save_checkpoint(paths.last_checkpoint)
+        trainer.save_checkpoint(paths.last_checkpoint, weights_only=False)
     except BaseException:
         if trainer.is_global_zero:
             rundir.finish(paths, "failed")
@@ -139,7 +167,9 @@ def fit(
     return summary
 
 
-def summarise(trainer: pl.Trainer, monitor: ThroughputMonitor, paths: rundir.RunPaths, seconds: float) -> dict:
+def summarise(
+    trainer: pl.Trainer, monitor: ThroughputMonitor, paths: rundir.RunPaths, seconds: float
+) -> dict:
     rows = monitor.history
     # Skip the first logged window: it holds start-up work (first kernels, allocator warm-up).
     steady = rows[1:] or rows

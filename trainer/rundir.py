@@ -7,6 +7,7 @@ writes here. Nothing in this module imports torch.
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import json
 import os
@@ -134,17 +135,23 @@ def plan(paths: RunPaths, cfg: dict, resume: str, *, rank_zero: bool = True) -> 
     state = read_json(paths.state)
     if state is None:
         if rank_zero and paths.dir.exists() and any(paths.dir.iterdir()):
-            raise ConfigError("run.dir", str(paths.dir), "a new or empty directory, or a run directory (no run.json here)")
+            raise ConfigError(
+                "run.dir", str(paths.dir), "a new or empty directory, or a run directory (no run.json here)"
+            )
         return Plan("fresh")
     if resume == "never" and rank_zero:
         raise ConfigError("resume", "never", f"auto, or a new run.name ({paths.dir} already holds a run)")
     old_cfg = yaml.safe_load(paths.config.read_text()) if paths.config.exists() else {}
     changed = [
-        k for k in differing_keys(identity_view(old_cfg), identity_view(cfg)) if k.split(".")[0] in RESUME_MUST_MATCH
+        k
+        for k in differing_keys(identity_view(old_cfg), identity_view(cfg))
+        if k.split(".")[0] in RESUME_MUST_MATCH
     ]
     if changed:
         shown = ", ".join(changed[:5]) + (" ..." if len(changed) > 5 else "")
-        raise ConfigError("run.dir", str(paths.dir), f"a run with the same model/data/seed; these differ: {shown}")
+        raise ConfigError(
+            "run.dir", str(paths.dir), f"a run with the same model/data/seed; these differ: {shown}"
+        )
     unchanged = not differing_keys(identity_view(old_cfg), identity_view(cfg))
     if state.get("status") == "finished" and unchanged:
         return Plan("done")
@@ -182,13 +189,20 @@ def git_info(cwd: Path | None = None) -> dict:
 def package_versions() -> dict:
     from importlib import metadata
 
-    names = ("trainer", "torch", "pytorch-lightning", "hydra-core", "omegaconf", "numpy", "scikit-learn", "wandb")
+    names = (
+        "trainer",
+        "torch",
+        "pytorch-lightning",
+        "hydra-core",
+        "omegaconf",
+        "numpy",
+        "scikit-learn",
+        "wandb",
+    )
     versions = {"python": platform.python_version()}
     for name in names:
-        try:
+        with contextlib.suppress(metadata.PackageNotFoundError):
             versions[name] = metadata.version(name)
-        except metadata.PackageNotFoundError:
-            pass
     return versions
 
 

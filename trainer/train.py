@@ -13,6 +13,7 @@ import logging
 import os
 import sys
 from pathlib import Path
+from typing import Any
 
 import hydra
 from omegaconf import DictConfig, OmegaConf
@@ -43,19 +44,41 @@ def env_rank() -> int:
 _ARGV: list[str] = []
 
 
+class _Abort(BaseException):
+    """Ends ``trainer train`` (a whole sweep included) with a message and an exit code.
+
+    A BaseException, so Hydra's job runner lets it through untouched instead of reporting it as a crash.
+    """
+
+    def __init__(self, message: str, code: int) -> None:
+        super().__init__(message)
+        self.message, self.code = message, code
+
+
+def quote_numeric_choices(args: list[str], groups: list[str]) -> list[str]:
+    """``precision=32`` selects the file ``precision/32.yaml``; Hydra would parse 32 as a number and refuse it."""
+    out = []
+    for arg in args:
+        key, sep, value = arg.partition("=")
+        if sep and key.lstrip("+~") in groups and value.lstrip("-").replace(".", "", 1).isdigit():
+            arg = f"{key}='{value}'"
+        out.append(arg)
+    return out
+
+
 def cli_main(args: list[str]) -> int:
+    groups = [p.name for p in Path(conf_dir()).iterdir() if p.is_dir()]
+    args = quote_numeric_choices(args, groups)
     _ARGV[:] = args
     # Let exceptions reach us whole, so bad configs become one line and exit 2 (Hydra would print a
     # multi-line report and exit 1).
     os.environ["HYDRA_FULL_ERROR"] = "1"
     sys.argv = [sys.argv[0], *args]
-    from trainer.launch.local import WorkersFailed
-
     try:
         _hydra_main()
-    except WorkersFailed as err:
-        print(f"error: {err}", file=sys.stderr)
-        return err.returncode
+    except _Abort as abort:
+        print(abort.message, file=sys.stderr)
+        return abort.code
     except Exception as exc:
         line = describe(exc)
         if line is None:
@@ -73,18 +96,28 @@ def _hydra_main(cfg: DictConfig) -> None:
     run(cfg)
 
 
-def run(cfg: DictConfig) -> None:
-    """One training run (one trial of a sweep)."""
+@dataclasses.dataclass
+class Prepared:
+    """A checked run: its typed config, where it lives and what it does with its directory."""
+
+    conf: schema.TrainConfig
+    resolved: dict
+    accelerator: str
+    paths: Any
+    plan: Any
+    overrides: list[str]
+
+
+def prepare(cfg: DictConfig) -> Prepared:
+    """Every check that can fail on bad input; writes nothing, starts nothing."""
     from hydra.core.hydra_config import HydraConfig
 
     from trainer import rundir
-    from trainer.config.validate import check, launched_externally, to_typed
-    from trainer.launch.local import PLAN_ENV, config_source_args, quote, run_workers
+    from trainer.config.validate import check, check_components, to_typed
+    from trainer.launch.local import PLAN_ENV
 
-    rank = env_rank()
-    if rank != 0:
-        logging.getLogger().setLevel(logging.WARNING)
     hydra_cfg = HydraConfig.get()
+    check_components(cfg, hydra_cfg.runtime.choices)
     conf = to_typed(cfg)
     accelerator = check(conf)
     resolved = OmegaConf.to_container(cfg, resolve=True)
@@ -92,28 +125,56 @@ def run(cfg: DictConfig) -> None:
     if PLAN_ENV in os.environ:  # a worker started by our own launcher: it already decided
         plan = rundir.Plan(**json.loads(os.environ[PLAN_ENV]))
     else:
-        plan = rundir.plan(paths, resolved, conf.resume, rank_zero=rank == 0)
+        plan = rundir.plan(paths, resolved, conf.resume, rank_zero=env_rank() == 0)
+    # The run's identity is passed on spelled out (see run), so it is not part of the recorded overrides.
+    overrides = [
+        o for o in hydra_cfg.overrides.task if o.split("=", 1)[0].lstrip("+~") not in ("run.name", "run.dir")
+    ]
+    return Prepared(conf, resolved, accelerator, paths, plan, overrides)
 
-    if plan.action == "done":
+
+def run(cfg: DictConfig) -> None:
+    """One training run (one trial of a sweep): check, then train here or start the local workers."""
+    from trainer import rundir
+    from trainer.config.validate import launched_externally
+    from trainer.launch.local import WorkersFailed, config_source_args, quote, run_workers
+
+    rank = env_rank()
+    if rank != 0:
+        logging.getLogger().setLevel(logging.WARNING)
+    try:
+        p = prepare(cfg)
+    except Exception as exc:
+        line = describe(exc)
+        if line is None:
+            raise
+        raise _Abort(f"error: {line}", EXIT_CONFIG) from None
+
+    if p.plan.action == "done":
         if rank == 0:
-            state = rundir.read_json(paths.state) or {}
+            state = rundir.read_json(p.paths.state) or {}
             log.info("run %s already finished (%s); nothing to do. A new run needs another config or run.name.",
-                     paths.name, paths.dir)  # fmt: skip
+                     p.paths.name, p.paths.dir)  # fmt: skip
             if state.get("summary"):
                 log.info("summary: %s", json.dumps(state["summary"]))
         return
 
-    # The workers get the run's identity spelled out, so they cannot disagree about the directory.
-    overrides = [o for o in hydra_cfg.overrides.task if o.split("=", 1)[0].lstrip("+~") not in ("run.name", "run.dir")]
-    if conf.trainer.devices > 1 and not launched_externally():
-        log.info("starting %d workers (%s) for run %s", conf.trainer.devices, conf.strategy.name, paths.dir)
-        pinned = [f"run.name={quote(paths.name)}", f"run.dir={quote(str(paths.dir))}"]
-        run_workers(config_source_args(_ARGV) + overrides + pinned, conf.trainer.devices, dataclasses.asdict(plan))
+    if p.conf.trainer.devices > 1 and not launched_externally():
+        log.info(
+            "starting %d workers (%s) for run %s", p.conf.trainer.devices, p.conf.strategy.name, p.paths.dir
+        )
+        # The workers get the run's identity spelled out, so they cannot disagree about the directory.
+        pinned = [f"run.name={quote(p.paths.name)}", f"run.dir={quote(str(p.paths.dir))}"]
+        args = config_source_args(_ARGV) + p.overrides + pinned
+        try:
+            run_workers(args, p.conf.trainer.devices, dataclasses.asdict(p.plan))
+        except WorkersFailed as err:
+            raise _Abort(f"error: {err}", err.returncode) from None
         return
 
     from trainer.fit import fit
 
-    fit(conf, resolved, paths, plan, overrides, accelerator)
+    fit(p.conf, p.resolved, p.paths, p.plan, p.overrides, p.accelerator)
 
 
 if __name__ == "__main__":

@@ -7,6 +7,7 @@ common ones into that single line.
 
 from __future__ import annotations
 
+import dataclasses
 import re
 
 EXIT_CONFIG = 2
@@ -16,14 +17,21 @@ EXIT_CONFIG = 2
 class ConfigError(ValueError):
     """A configuration value that is not allowed. ``key`` is relative until ``with_prefix`` makes it full."""
 
-    def __init__(self, key: str, value: object, allowed: str) -> None:
-        self.key, self.value, self.allowed = key, value, allowed
+    def __init__(self, key: str, value: object, allowed: str, *, is_key: bool = False) -> None:
+        self.key, self.value, self.allowed, self.is_key = key, value, allowed, is_key
         super().__init__(self.line())
 
+    @classmethod
+    def unknown_key(cls, key: str, parent: str, declared: list[str]) -> ConfigError:
+        return cls(key, None, f"a key of {parent or 'the config'}: {', '.join(declared)}", is_key=True)
+
     def with_prefix(self, prefix: str) -> ConfigError:
-        return ConfigError(f"{prefix}.{self.key}" if prefix else self.key, self.value, self.allowed)
+        key = f"{prefix}.{self.key}" if prefix else self.key
+        return ConfigError(key, self.value, self.allowed, is_key=self.is_key)
 
     def line(self) -> str:
+        if self.is_key:
+            return f"{self.key}: unknown key; expected {self.allowed}"
         return f"{self.key}={_show(self.value)}: expected {self.allowed}"
 
 
@@ -42,7 +50,7 @@ _TYPES = {"Integer": "an integer", "Float": "a number", "Boolean": "true or fals
 def describe(exc: BaseException) -> str | None:
     """One line for a Hydra/OmegaConf composition error, or None when ``exc`` is not one."""
     from hydra.errors import ConfigCompositionException, OverrideParseException
-    from omegaconf.errors import ConfigKeyError, OmegaConfBaseException, ValidationError
+    from omegaconf.errors import ConfigAttributeError, ConfigKeyError, OmegaConfBaseException, ValidationError
 
     if isinstance(exc, ConfigError):
         return exc.line()
@@ -65,10 +73,15 @@ def describe(exc: BaseException) -> str | None:
     if isinstance(exc, OverrideParseException):
         return f"cannot parse override: {text.splitlines()[0]}"
     for err in chain:
-        if isinstance(err, ConfigKeyError) and "not in struct" in str(err):
-            key = err.full_key or err.key
-            parent = str(key).rpartition(".")[0]
-            return f"{key}: unknown key{f' in {parent}' if parent else ''} (check the spelling; `--cfg job` shows all keys)"
+        if isinstance(err, (ConfigKeyError, ConfigAttributeError)) and " not in " in str(err):
+            key = str(err.full_key or err.key)
+            parent = key.rpartition(".")[0]
+            schema = getattr(err, "object_type", None)
+            if dataclasses.is_dataclass(schema):
+                return ConfigError.unknown_key(
+                    key, parent, [f.name for f in dataclasses.fields(schema)]
+                ).line()
+            return f"{key}: unknown key; expected an existing key (`trainer train --cfg job` lists them)"
         if isinstance(err, ValidationError):
             msg = str(err).splitlines()[0]
             m = re.search(r"could not be converted to (\w+)", msg)

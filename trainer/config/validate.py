@@ -16,7 +16,7 @@ from trainer.config.errors import ConfigError
 from trainer.config.schema import TrainConfig
 
 # What each built-in component learns from, so an impossible pair fails at once instead of in the first step.
-_TASK_OF_TARGET = {
+_TASK_OF_TARGET: dict[str, str] = {
     "trainer.models.gpt.GPTModule": "lm",
     "trainer.models.mlp.MLPModule": "classification",
     "trainer.data.text.TextDataModule": "lm",
@@ -25,8 +25,43 @@ _TASK_OF_TARGET = {
 }
 
 
+def check_components(cfg: DictConfig, choices: Any) -> None:
+    """A model and a data module that cannot train together fail here, before their configs are resolved."""
+    model_target = OmegaConf.select(cfg, "model._target_", throw_on_resolution_failure=False)
+    data_target = OmegaConf.select(cfg, "data._target_", throw_on_resolution_failure=False)
+    model_task, data_task = _TASK_OF_TARGET.get(model_target), _TASK_OF_TARGET.get(data_target)
+    if model_task and data_task and model_task != data_task:
+        fits = [name for name, target in _DATA_OPTIONS.items() if _TASK_OF_TARGET[target] == model_task]
+        raise ConfigError(
+            "data", choices.get("data") or data_target,
+            f"data={' or data='.join(fits)} for model={choices.get('model') or model_target} (a {model_task} model)",
+        )  # fmt: skip
+
+
+def unknown_keys(node: Any, prefix: str) -> None:
+    """Keys a typed node does not declare. Hydra's ``+key=value`` can add them even to a typed config."""
+    if not isinstance(node, DictConfig):
+        return
+    schema = OmegaConf.get_type(node)
+    if dataclasses.is_dataclass(schema):
+        declared = [f.name for f in dataclasses.fields(schema)]
+        for key in node:
+            if key not in declared:
+                raise ConfigError.unknown_key(f"{prefix}{key}", prefix.rstrip("."), declared)
+    for key in node:
+        unknown_keys(node._get_node(key), f"{prefix}{key}.")
+
+
+_DATA_OPTIONS = {
+    "text": "trainer.data.text.TextDataModule",
+    "synthetic": "trainer.data.synthetic.SyntheticDataModule",
+    "digits": "trainer.data.digits.DigitsDataModule",
+}
+
+
 def to_typed(cfg: DictConfig) -> TrainConfig:
     """Resolve interpolations and build each slice's dataclass (running its ``__post_init__`` checks)."""
+    unknown_keys(cfg, "")
     slices: dict[str, Any] = {}
     for field in dataclasses.fields(TrainConfig):
         node = cfg[field.name]
@@ -65,33 +100,34 @@ def launched_externally() -> bool:
 
 def check(conf: TrainConfig) -> str:
     """Checks across slices and against this machine. Returns the accelerator Lightning should use."""
-    model_task = _TASK_OF_TARGET.get(_target(conf.model))
-    data_task = _TASK_OF_TARGET.get(_target(conf.data))
-    if model_task and data_task and model_task != data_task:
-        raise ConfigError(
-            "data._target_", _target(conf.data), f"a data module for a {model_task} model like {_target(conf.model)}"
-        )
-
     strategy, trainer = conf.strategy, conf.trainer
     if strategy.name == "fsdp":
         raise ConfigError("strategy", "fsdp", "auto or ddp (FSDP2 support is not in this release yet)")
     if trainer.devices > 1 and strategy.name == "auto":
-        raise ConfigError("trainer.devices", trainer.devices, "1 with strategy=auto (use strategy=ddp for more)")
+        raise ConfigError(
+            "trainer.devices", trainer.devices, "1 with strategy=auto (use strategy=ddp for more)"
+        )
     if trainer.num_nodes > 1 and not launched_externally():
         raise ConfigError(
-            "trainer.num_nodes", trainer.num_nodes, "1 here (several nodes need a cluster launcher such as srun)"
+            "trainer.num_nodes",
+            trainer.num_nodes,
+            "1 here (several nodes need a cluster launcher such as srun)",
         )
 
     accelerator = resolve_accelerator(trainer.accelerator)
     available = _device_count(accelerator)
     if trainer.devices > available:
         raise ConfigError(
-            "trainer.devices", trainer.devices, f"at most {available} (the {accelerator} devices of this machine)"
+            "trainer.devices",
+            trainer.devices,
+            f"at most {available} (the {accelerator} devices of this machine)",
         )
 
     precision = str(conf.precision.value)
     if precision == "16-mixed" and accelerator != "gpu":
-        raise ConfigError("precision", precision, f"32, bf16-mixed or bf16-true on {accelerator} (16-mixed needs CUDA)")
+        raise ConfigError(
+            "precision", precision, f"32, bf16-mixed or bf16-true on {accelerator} (16-mixed needs CUDA)"
+        )
     if precision.startswith("bf16") and accelerator == "gpu":
         import torch
 
@@ -101,14 +137,6 @@ def check(conf: TrainConfig) -> str:
     if conf.resume not in ("auto", "never") and not os.path.exists(conf.resume):
         raise ConfigError("resume", conf.resume, "auto, never or the path of an existing checkpoint")
     return accelerator
-
-
-def _target(node: Any) -> str | None:
-    if dataclasses.is_dataclass(node):
-        return getattr(node, "_target_", None)
-    if isinstance(node, dict):
-        return node.get("_target_")
-    return None
 
 
 def _device_count(accelerator: str) -> int:

@@ -12,7 +12,12 @@ from trainer.data.loading import make_loader
 
 class DigitsDataModule(pl.LightningDataModule):
     def __init__(
-        self, val_fraction: float = 0.2, batch_size: int = 64, num_workers: int = 0, seed: int = 0, shuffle: bool = True
+        self,
+        val_fraction: float = 0.2,
+        batch_size: int = 64,
+        num_workers: int = 0,
+        seed: int = 0,
+        shuffle: bool = True,
     ) -> None:
         super().__init__()
         self.val_fraction, self.batch_size, self.num_workers = val_fraction, batch_size, num_workers

@@ -22,7 +22,14 @@ def rank_and_world(trainer: Any) -> tuple[int, int]:
 
 
 def make_loader(
-    dataset: Dataset, *, trainer: Any, batch_size: int, num_workers: int, seed: int, shuffle: bool, train: bool
+    dataset: Dataset,
+    *,
+    trainer: Any,
+    batch_size: int,
+    num_workers: int,
+    seed: int,
+    shuffle: bool,
+    train: bool,
 ) -> DataLoader:
     rank, world = rank_and_world(trainer)
     sampler = DistributedSampler(

@@ -37,7 +37,9 @@ class CSVMetricsLogger(Logger):
         self.flush_every_n_rows = flush_every_n_rows
         self.columns: list[str] = list(COLUMNS)
         self._pending: dict[int, dict[str, Any]] = {}
-        self._written = 0
+        self.current_step: int | None = None
+        """The optimizer step, set by the throughput monitor. Lightning passes its own step counter for what
+        modules log with ``self.log``, one behind for validation; rows are keyed by optimizer step instead."""
 
     @property
     def name(self) -> str:
@@ -57,7 +59,11 @@ class CSVMetricsLogger(Logger):
 
     @rank_zero_only
     def log_metrics(self, metrics: Mapping[str, float], step: int | None = None) -> None:
-        step = int(metrics.get("step", step if step is not None else 0))
+        if "step" in metrics:
+            step = int(metrics["step"])
+        elif self.current_step is not None:
+            step = self.current_step
+        step = int(step or 0)
         row = self._pending.setdefault(step, {"step": step})
         for key, value in metrics.items():
             row[key] = float(value.item() if hasattr(value, "item") else value)

@@ -51,7 +51,9 @@ class ThroughputMonitor(pl.Callback):
         self._reset_window()
         self._window_start = time.perf_counter()
 
-    def on_train_batch_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule, batch: Any, batch_idx: int) -> None:
+    def on_train_batch_start(
+        self, trainer: pl.Trainer, pl_module: pl.LightningModule, batch: Any, batch_idx: int
+    ) -> None:
         now = time.perf_counter()
         if self._last_batch_end is not None:
             self._data_wait += now - self._last_batch_end
@@ -66,6 +68,9 @@ class ThroughputMonitor(pl.Callback):
             self._loss_count += 1
         self._samples += _batch_size(batch)
         step = trainer.global_step
+        for logger in trainer.loggers:
+            if isinstance(logger, CSVMetricsLogger):
+                logger.current_step = step
         if step != self._last_step:  # an optimizer step happened in this batch
             self._last_step = step
             self._window_steps += 1
@@ -85,7 +90,9 @@ class ThroughputMonitor(pl.Callback):
         now = time.perf_counter()
         elapsed = now - (self._window_start or now)
         world = trainer.world_size
-        stats = torch.tensor([self._loss_sum, float(self._loss_count), float(self._samples)], dtype=torch.float64)
+        stats = torch.tensor(
+            [self._loss_sum, float(self._loss_count), float(self._samples)], dtype=torch.float64
+        )
         if world > 1:
             stats = trainer.strategy.reduce(stats.to(pl_module.device), reduce_op="sum").cpu()
         loss_sum, loss_count, samples = stats.tolist()
