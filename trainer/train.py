@@ -76,6 +76,8 @@ def cli_main(args: list[str]) -> int:
     sys.argv = [sys.argv[0], *args]
     try:
         _hydra_main()
+    except SystemExit as exit_:  # Hydra's --help and --info end with sys.exit
+        return exit_.code if isinstance(exit_.code, int) else 0
     except _Abort as abort:
         print(abort.message, file=sys.stderr)
         return abort.code

@@ -1,0 +1,84 @@
+"""Shared fixtures: run the real ``trainer`` command in a scratch directory, read what it wrote.
+
+Multi-process training is always a subprocess of the CLI (never Lightning inside pytest: its DDP launcher
+would re-execute pytest itself). Every tool that writes outside the project by default (torchrun's and
+inductor's temp dirs, pytest's) is pointed into the test's own folder.
+"""
+
+from __future__ import annotations
+
+import csv
+import os
+import subprocess
+import sys
+from dataclasses import dataclass
+from pathlib import Path
+
+import pytest
+
+REPO = Path(__file__).resolve().parents[1]
+
+
+@dataclass
+class Result:
+    returncode: int
+    stdout: str
+    stderr: str
+    cwd: Path
+
+    @property
+    def output(self) -> str:
+        return self.stdout + self.stderr
+
+    def run_dirs(self, root: str = "runs") -> list[Path]:
+        base = self.cwd / root
+        return sorted(p for p in base.iterdir() if p.is_dir() and not p.name.startswith("_")) if base.exists() else []
+
+
+def read_metrics(run_dir: Path) -> list[dict[str, str]]:
+    with (run_dir / "metrics.csv").open(newline="") as f:
+        return list(csv.DictReader(f))
+
+
+def column(rows: list[dict[str, str]], key: str) -> list[float]:
+    return [float(r[key]) for r in rows if r.get(key)]
+
+
+@pytest.fixture
+def cli(tmp_path: Path):
+    """Run ``python -m trainer ...`` in ``tmp_path`` (or ``cwd``); returns a Result."""
+    scratch = tmp_path / "_tmp"
+    scratch.mkdir()
+
+    def run(*args: str, cwd: Path | None = None, env: dict | None = None, timeout: float = 600) -> Result:
+        full_env = dict(os.environ)
+        full_env.update(
+            TMPDIR=str(scratch),
+            TORCHINDUCTOR_CACHE_DIR=str(scratch / "inductor"),
+            PYTHONUNBUFFERED="1",
+        )
+        for var in ("RANK", "LOCAL_RANK", "WORLD_SIZE", "SLURM_PROCID", "SLURM_NTASKS", "TRAINER_PLAN"):
+            full_env.pop(var, None)
+        full_env.update(env or {})
+        where = cwd or tmp_path
+        proc = subprocess.run(
+            [sys.executable, "-m", "trainer", *args],
+            cwd=where,
+            env=full_env,
+            capture_output=True,
+            text=True,
+            timeout=timeout,
+        )
+        return Result(proc.returncode, proc.stdout, proc.stderr, where)
+
+    return run
+
+
+@pytest.fixture
+def text_corpus(tmp_path: Path) -> Path:
+    """A small corpus with real structure (numbers written out in words), made here so it never changes."""
+    ones = "zero one two three four five six seven eight nine".split()
+    lines = [f"{i} is {' '.join(ones[int(d)] for d in str(i))}." for i in range(4000)]
+    path = tmp_path / "corpus.txt"
+    path.write_text("\n".join(lines) + "\n")
+    return path
