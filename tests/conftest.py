@@ -32,7 +32,11 @@ class Result:
 
     def run_dirs(self, root: str = "runs") -> list[Path]:
         base = self.cwd / root
-        return sorted(p for p in base.iterdir() if p.is_dir() and not p.name.startswith("_")) if base.exists() else []
+        return (
+            sorted(p for p in base.iterdir() if p.is_dir() and not p.name.startswith("_"))
+            if base.exists()
+            else []
+        )
 
 
 def read_metrics(run_dir: Path) -> list[dict[str, str]]:
@@ -77,7 +81,7 @@ def cli(tmp_path: Path):
 @pytest.fixture
 def text_corpus(tmp_path: Path) -> Path:
     """A small corpus with real structure (numbers written out in words), made here so it never changes."""
-    ones = "zero one two three four five six seven eight nine".split()
+    ones = ["zero", "one", "two", "three", "four", "five", "six", "seven", "eight", "nine"]
     lines = [f"{i} is {' '.join(ones[int(d)] for d in str(i))}." for i in range(4000)]
     path = tmp_path / "corpus.txt"
     path.write_text("\n".join(lines) + "\n")

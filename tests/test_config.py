@@ -32,7 +32,17 @@ def compose_typed(overrides: list[str]) -> schema.TrainConfig:
 
 
 def test_groups_are_the_documented_ones():
-    for group in ("model", "data", "optim", "strategy", "precision", "trainer", "logger", "experiment", "debug"):
+    for group in (
+        "model",
+        "data",
+        "optim",
+        "strategy",
+        "precision",
+        "trainer",
+        "logger",
+        "experiment",
+        "debug",
+    ):
         assert group in GROUPS
         assert options(group), f"conf/{group}/ has no options"
 

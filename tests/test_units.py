@@ -1,0 +1,147 @@
+"""Small pieces on their own: run identity, metrics file, LR schedule, FLOP counting, peak lookup."""
+
+from __future__ import annotations
+
+import csv
+import json
+
+import pytest
+import torch
+
+from trainer import rundir
+from trainer.config.errors import ConfigError
+from trainer.metrics.csv_logger import COLUMNS, CSVMetricsLogger
+from trainer.metrics.flops import gpu_peak_flops, measure_cpu_peak_flops, precision_dtype
+from trainer.models.gpt import GPT
+from trainer.optim import lr_factor
+
+pytestmark = pytest.mark.unit
+
+CFG = {"seed": 1, "run": {"name": None, "root": "runs"}, "model": {"n_layer": 2}, "data": {"batch_size": 4},
+       "trainer": {"max_steps": 10, "enable_progress_bar": True}, "logger": {"csv": {}}}  # fmt: skip
+
+
+def test_hash_ignores_where_and_how_a_run_is_watched():
+    base = rundir.config_hash(CFG)
+    assert base == rundir.config_hash(json.loads(json.dumps(CFG)))
+    watched = json.loads(json.dumps(CFG))
+    watched["run"]["root"], watched["logger"], watched["trainer"]["enable_progress_bar"] = (
+        "elsewhere",
+        {},
+        False,
+    )
+    assert rundir.config_hash(watched) == base
+    changed = json.loads(json.dumps(CFG))
+    changed["model"]["n_layer"] = 3
+    assert rundir.config_hash(changed) != base
+
+
+def test_paths_default_to_experiment_and_hash(tmp_path):
+    paths = rundir.resolve_paths(CFG, "exp")
+    assert paths.name == f"exp-{rundir.config_hash(CFG)}" and str(paths.dir) == f"runs/{paths.name}"
+    named = dict(CFG, run={"name": "x", "root": "r", "dir": None})
+    assert rundir.resolve_paths(named, "exp").dir.as_posix() == "r/x"
+    with pytest.raises(ConfigError):
+        rundir.resolve_paths(dict(CFG, run={"name": "../x"}), "exp")
+
+
+def test_plan_fresh_done_resume(tmp_path):
+    paths = rundir.RunPaths("r", tmp_path / "r")
+    assert rundir.plan(paths, CFG, "auto").action == "fresh"
+    rundir.start(paths, CFG, ["a=1"], rundir.Plan("fresh"), seed=1, world_size=1)
+    assert rundir.read_json(paths.state)["status"] == "running"
+    assert rundir.plan(paths, CFG, "auto").action == "fresh"  # no checkpoint yet
+    paths.last_checkpoint.write_bytes(b"x")
+    assert rundir.plan(paths, CFG, "auto") == rundir.Plan("resume", str(paths.last_checkpoint))
+    rundir.finish(paths, "finished", {"steps": 10})
+    assert rundir.plan(paths, CFG, "auto").action == "done"
+    longer = json.loads(json.dumps(CFG))
+    longer["trainer"]["max_steps"] = 20  # train a finished run for longer: continue from its checkpoint
+    assert rundir.plan(paths, longer, "auto").action == "resume"
+    other = json.loads(json.dumps(CFG))
+    other["data"]["batch_size"] = 8
+    with pytest.raises(ConfigError, match="data.batch_size"):
+        rundir.plan(paths, other, "auto")
+    with pytest.raises(ConfigError, match="resume=never"):
+        rundir.plan(paths, CFG, "never")
+    state = rundir.read_json(paths.state)
+    assert state["attempts"][0]["overrides"] == ["a=1"] and state["summary"] == {"steps": 10}
+
+
+def test_start_keeps_the_earlier_config_when_it_changes(tmp_path):
+    paths = rundir.RunPaths("r", tmp_path / "r")
+    rundir.start(paths, CFG, [], rundir.Plan("fresh"), seed=1, world_size=1)
+    longer = json.loads(json.dumps(CFG))
+    longer["trainer"]["max_steps"] = 20
+    rundir.start(paths, longer, [], rundir.Plan("resume", "x"), seed=1, world_size=1)
+    assert "max_steps: 10" in (paths.dir / "config.attempt-1.yaml").read_text()
+    assert "max_steps: 20" in paths.config.read_text()
+    assert len(rundir.read_json(paths.state)["attempts"]) == 2
+
+
+def test_csv_rows_merge_per_step_and_resume_truncates(tmp_path):
+    path = tmp_path / "metrics.csv"
+    log = CSVMetricsLogger(path)
+    for step in (1, 2, 3):
+        log.current_step = step
+        log.log_metrics({"step": step, "train/loss": 10.0 - step})
+        log.log_metrics({"val/loss": 20.0 - step, "epoch": 0})  # Lightning's call: no step key
+        log.save()
+    log.finalize("success")
+    rows = list(csv.DictReader(path.open()))
+    assert [r["step"] for r in rows] == ["1", "2", "3"]
+    assert rows[1]["train/loss"] == "8.0" and rows[1]["val/loss"] == "18.0"
+    assert list(rows[0].keys())[: len(COLUMNS)] == list(COLUMNS)
+
+    resumed = CSVMetricsLogger(path)
+    resumed.resume_at(2)
+    resumed.log_metrics({"step": 3, "train/loss": 1.5, "val/acc": 0.5})  # a key of the module's own
+    resumed.finalize("success")
+    rows = list(csv.DictReader(path.open()))
+    assert [r["step"] for r in rows] == ["1", "2", "3"]
+    assert rows[2]["train/loss"] == "1.5" and rows[2]["val/acc"] == "0.5" and rows[0]["val/acc"] == ""
+
+
+def test_lr_schedule_warms_up_then_decays_to_the_floor():
+    f = [
+        lr_factor(s, total_steps=100, warmup_steps=10, schedule="cosine", min_lr_ratio=0.1)
+        for s in range(101)
+    ]
+    assert f[0] == pytest.approx(0.1) and f[9] == pytest.approx(1.0)
+    assert all(a >= b for a, b in zip(f[10:], f[11:], strict=False))
+    assert f[100] == pytest.approx(0.1)
+    assert lr_factor(50, 100, 10, "constant", 0.1) == 1.0
+
+
+def test_gpt_flops_match_the_parameter_count_and_weights_are_tied():
+    net = GPT(
+        n_layer=2,
+        n_head=2,
+        n_embd=32,
+        block_size=16,
+        vocab_size=64,
+        dropout=0.0,
+        bias=False,
+        tie_weights=True,
+    )
+    assert net.lm_head.weight is net.wte.weight
+    n = sum(p.numel() for p in net.parameters()) - 16 * 32
+    assert net.flops_per_token() == 6 * n + 12 * 2 * 32 * 16
+    logits = net(torch.randint(64, (3, 16)))
+    assert logits.shape == (3, 16, 64)
+    # causal: the first position's output does not depend on later tokens
+    x = torch.randint(64, (1, 16))
+    y = x.clone()
+    y[0, 5:] = (y[0, 5:] + 1) % 64
+    assert torch.allclose(net(x)[0, :5], net(y)[0, :5])
+
+
+def test_peak_flops_come_from_the_device():
+    assert precision_dtype("bf16-mixed") == "bf16" and precision_dtype("16-mixed") == "fp16"
+    assert precision_dtype("32", tf32=True) == "tf32" and precision_dtype("32") == "fp32"
+    assert gpu_peak_flops("NVIDIA H100 80GB HBM3", "bf16") == pytest.approx(989.4e12)
+    assert gpu_peak_flops("NVIDIA H100 PCIe", "bf16") == pytest.approx(756.5e12)
+    assert gpu_peak_flops("NVIDIA A100-SXM4-40GB", "fp32") == pytest.approx(19.5e12)
+    assert gpu_peak_flops("Some Future GPU", "bf16") is None
+    measured = measure_cpu_peak_flops(n=256, seconds=0.1)
+    assert 1e8 < measured < 1e14
