@@ -208,8 +208,9 @@ def print_summary(s: dict) -> None:
     lines = [
         f"finished {s['steps']} steps on {s['world_size']} process(es) in {s['wall_time_s']:.1f} s",
         f"  train loss {num(s['train_loss'], '.4f')}   val loss {num(s['val_loss'], '.4f')}",
-        f"  throughput {num(s['samples_per_sec'], ',.0f')} samples/s   {num(s['tokens_per_sec'], ',.0f')} tokens/s"
-        f"   MFU {num(s['mfu'] and s['mfu'] * 100, '.1f')}% (peak: {s['peak_source']})"
+        f"  throughput {num(s['samples_per_sec'], ',.0f')} samples/s"
+        + (f"   {num(s['tokens_per_sec'], ',.0f')} tokens/s" if s["tokens_per_sec"] is not None else "")
+        + f"   MFU {num(s['mfu'] and s['mfu'] * 100, '.1f')}% (peak: {s['peak_source']})"
         f"   data wait {num(s['data_wait_frac'] and s['data_wait_frac'] * 100, '.1f')}%",
         f"  run dir     {s['run_dir']}",
         f"  metrics     {s['metrics']}",
