@@ -107,3 +107,26 @@ def test_golden_loss_curve(cli, text_corpus):
         GOLDEN.write_text(json.dumps({"args": recorded, "atol": GOLDEN_ATOL, "train/loss": losses}, indent=1))
     golden = json.loads(GOLDEN.read_text())
     assert losses == pytest.approx(golden["train/loss"], abs=GOLDEN_ATOL)
+
+
+@pytest.mark.parametrize(
+    "overrides",
+    [
+        ["data=synthetic", *TINY_GPT],
+        ["experiment=digits_mlp", "precision=bf16-mixed"],
+        ["experiment=digits_mlp", "precision=bf16-true"],
+        [
+            "experiment=digits_mlp",
+            "trainer.accumulate_grad_batches=2",
+            "trainer.max_steps=2",
+            "trainer.max_epochs=null",
+        ],
+    ],
+    ids=["synthetic", "bf16-mixed", "bf16-true", "grad-accumulation"],
+)
+def test_other_data_and_precisions_train(cli, overrides):
+    result = cli("train", "debug=smoke", *overrides)
+    assert result.returncode == 0, result.output
+    (run_dir,) = result.run_dirs("runs/debug")
+    loss = column(read_metrics(run_dir), "train/loss")
+    assert loss and all(v == v and v > 0 for v in loss)  # finite and positive
