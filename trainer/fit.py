@@ -14,10 +14,10 @@ from typing import Any
 
 import pytorch_lightning as pl
 from hydra.utils import instantiate
-from pytorch_lightning.callbacks import ModelCheckpoint
 
 from trainer import rundir
-from trainer.checkpoint import AtomicCheckpointIO
+from trainer.checkpoint.callback import EXIT_NONFINITE, EXIT_PREEMPTED, Checkpointer
+from trainer.checkpoint.io import AtomicCheckpointIO
 from trainer.config.schema import (
     CheckpointConfig,
     LoggerConfig,
@@ -45,6 +45,14 @@ class _DropAdverts(logging.Filter):
 
 
 logging.getLogger("pytorch_lightning.utilities.rank_zero").addFilter(_DropAdverts())
+
+
+class RunStopped(Exception):
+    """Training ended early on purpose (preemption, non-finite loss), with a checkpoint and an exit code."""
+
+    def __init__(self, message: str, code: int) -> None:
+        super().__init__(message)
+        self.message, self.code = message, code
 
 
 def build_model(model_cfg: Any, optim: OptimConfig) -> pl.LightningModule:
@@ -92,20 +100,31 @@ def build_trainer(
     logger: LoggerConfig,
     accelerator: str,
     paths: rundir.RunPaths,
-) -> tuple[pl.Trainer, ThroughputMonitor]:
+    manifest_extra: dict,
+) -> tuple[pl.Trainer, ThroughputMonitor, Checkpointer]:
     monitor = ThroughputMonitor(trainer.log_every_n_steps, accelerator, str(precision.value))
-    callbacks: list[pl.Callback] = [monitor]
+    checkpointer = Checkpointer(
+        paths.checkpoints,
+        every_n_steps=checkpoint.every_n_steps,
+        every_n_minutes=checkpoint.every_n_minutes,
+        keep_last_k=checkpoint.keep_last_k,
+        keep_best_k=checkpoint.keep_best_k,
+        monitor=checkpoint.monitor,
+        mode=checkpoint.mode,
+        signals=list(checkpoint.save_on_signals),
+        on_nonfinite=trainer.on_nonfinite_loss,
+        step_timeout_s=strategy.step_timeout_s,
+        manifest_extra=manifest_extra,
+    )
+    callbacks: list[pl.Callback] = [monitor, checkpointer]
     if trainer.enable_progress_bar:
         callbacks.append(StepProgressBar(trainer.log_every_n_steps))
-    if checkpoint.every_n_steps:
-        callbacks.append(
-            ModelCheckpoint(
-                dirpath=paths.checkpoints,
-                every_n_train_steps=checkpoint.every_n_steps,
-                save_top_k=0,
-                save_last=True,
-            )  # fmt: skip
-        )
+    plugins: list[Any] = [AtomicCheckpointIO()]
+    from lightning_fabric.plugins.environments import SLURMEnvironment
+
+    if SLURMEnvironment.detect():
+        # Our checkpointer handles SIGUSR1 cooperatively; Lightning's in-handler save+requeue must not also act.
+        plugins.append(SLURMEnvironment(auto_requeue=False))
     loggers = [CSVMetricsLogger(paths.metrics, logger.csv.flush_every_n_rows)] if logger.csv else []
     pl_trainer = pl.Trainer(
         accelerator=accelerator,
@@ -124,14 +143,14 @@ def build_trainer(
         log_every_n_steps=trainer.log_every_n_steps,
         deterministic=trainer.deterministic,
         enable_progress_bar=trainer.enable_progress_bar,
-        enable_checkpointing=bool(checkpoint.every_n_steps),
+        enable_checkpointing=False,  # the Checkpointer above replaces Lightning's ModelCheckpoint
         enable_model_summary=False,
         logger=loggers or False,
         callbacks=callbacks,
-        plugins=[AtomicCheckpointIO()],
+        plugins=plugins,
         default_root_dir=str(paths.dir),
     )
-    return pl_trainer, monitor
+    return pl_trainer, monitor, checkpointer
 
 
 def fit(
@@ -146,8 +165,19 @@ def fit(
     pl.seed_everything(conf.seed, workers=True, verbose=False)
     data = build_data(conf.data)
     model = build_model(conf.model, conf.optim)
-    trainer, monitor = build_trainer(
-        conf.trainer, conf.strategy, conf.precision, conf.checkpoint, conf.logger, accelerator, paths
+    manifest_extra = {
+        "config_hash": rundir.config_hash(resolved),
+        "identity": rundir.resume_identity(resolved),
+    }
+    trainer, monitor, checkpointer = build_trainer(
+        conf.trainer,
+        conf.strategy,
+        conf.precision,
+        conf.checkpoint,
+        conf.logger,
+        accelerator,
+        paths,
+        manifest_extra,
     )
     if trainer.is_global_zero:
         rundir.start(paths, resolved, overrides, plan, conf.seed, trainer.world_size)
@@ -155,12 +185,33 @@ def fit(
             log.info("resuming %s from %s", paths.name, plan.checkpoint)
     try:
         trainer.fit(model, datamodule=data, ckpt_path=plan.checkpoint)
-        trainer.save_checkpoint(paths.last_checkpoint, weights_only=False)
+        stopped_early = checkpointer.preempted or checkpointer.stopped_nonfinite
+        if not stopped_early and checkpointer._last_saved_step != trainer.global_step:
+            checkpointer.save(trainer, "final")
     except BaseException:
         if trainer.is_global_zero:
             rundir.finish(paths, "failed")
         raise
-    summary = summarise(trainer, monitor, paths, time.perf_counter() - started)
+    finally:
+        checkpointer.restore_signal_handlers()
+    summary = summarise(trainer, monitor, checkpointer, paths, time.perf_counter() - started)
+    last = paths.last_checkpoint
+    if checkpointer.preempted:
+        if trainer.is_global_zero:
+            rundir.finish(paths, "preempted", summary)
+        raise RunStopped(
+            f"preempted by a signal: checkpoint saved at step {trainer.global_step} ({last}); "
+            f"exit code {EXIT_PREEMPTED} means: run the same command again to continue",
+            EXIT_PREEMPTED,
+        )
+    if checkpointer.stopped_nonfinite:
+        if trainer.is_global_zero:
+            rundir.finish(paths, "failed", summary)
+        raise RunStopped(
+            f"error: stopped on a {checkpointer.stopped_nonfinite}; the step was not applied and the last good "
+            f"state is saved at step {trainer.global_step} ({last}); trainer.on_nonfinite_loss=skip skips such steps",
+            EXIT_NONFINITE,
+        )
     if trainer.is_global_zero:
         rundir.finish(paths, "finished", summary)
         print_summary(summary)
@@ -168,7 +219,11 @@ def fit(
 
 
 def summarise(
-    trainer: pl.Trainer, monitor: ThroughputMonitor, paths: rundir.RunPaths, seconds: float
+    trainer: pl.Trainer,
+    monitor: ThroughputMonitor,
+    checkpointer: Checkpointer,
+    paths: rundir.RunPaths,
+    seconds: float,
 ) -> dict:
     rows = monitor.history
     # Skip the first logged window: it holds start-up work (first kernels, allocator warm-up).
@@ -198,6 +253,7 @@ def summarise(
         "run_dir": str(paths.dir),
         "metrics": str(paths.metrics),
         "checkpoint": str(paths.last_checkpoint),
+        "checkpoint_saves": checkpointer.saves,
     }
 
 

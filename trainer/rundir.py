@@ -106,6 +106,8 @@ class Plan:
     action: str
     """``fresh``: start at step 0; ``resume``: continue from ``checkpoint``; ``done``: finished already."""
     checkpoint: str | None = None
+    notes: tuple[str, ...] = ()
+    """One-line remarks for the user (checkpoints skipped as invalid, config changes allowed)."""
 
 
 def read_json(path: Path) -> dict | None:
@@ -124,14 +126,47 @@ def differing_keys(old: Any, new: Any, prefix: str = "") -> list[str]:
     return [] if old == new else [prefix.rstrip(".")]
 
 
-def plan(paths: RunPaths, cfg: dict, resume: str, *, rank_zero: bool = True) -> Plan:
+def resume_identity(cfg: dict) -> dict:
+    """The keys a checkpoint must agree on to be continued: recorded in every checkpoint's manifest."""
+    view = identity_view(cfg)
+    return {k: view.get(k) for k in RESUME_MUST_MATCH}
+
+
+def _check_same(key: str, where: str, old: dict, new: dict, allow: bool) -> list[str]:
+    changed = differing_keys(resume_identity(old), resume_identity(new))
+    if not changed:
+        return []
+    shown = ", ".join(changed[:5]) + (" ..." if len(changed) > 5 else "")
+    if not allow:
+        raise ConfigError(
+            key, where, f"a checkpoint of the same model/data/seed; these differ: {shown} "
+            "(checkpoint.allow_config_change=true continues anyway)",
+        )  # fmt: skip
+    return [f"continuing although these differ from the checkpoint's config: {shown}"]
+
+
+def plan(
+    paths: RunPaths, cfg: dict, resume: str, *, rank_zero: bool = True, allow_config_change: bool = False
+) -> Plan:
     """Decide from what is on disk; refuse anything that would overwrite another run's files.
 
     Only rank zero checks that a new run's directory is free: the other ranks may look after rank zero has
     begun to write it.
     """
+    from trainer.checkpoint.manifest import find_latest_valid, read_manifest, verify
+
     if resume not in ("auto", "never"):
-        return Plan("resume", resume)
+        path = Path(resume)
+        manifest = read_manifest(path)
+        notes: list[str] = []
+        if manifest is not None:
+            reason = verify(path)
+            if reason is not None:
+                raise ConfigError("resume", resume, f"a valid checkpoint (this one: {reason})")
+            notes = _check_same("resume", resume, {**manifest.get("identity", {})}, cfg, allow_config_change)
+        else:
+            notes = [f"{resume} has no manifest: its config cannot be checked against this run's"]
+        return Plan("resume", resume, tuple(notes))
     state = read_json(paths.state)
     if state is None:
         if rank_zero and paths.dir.exists() and any(paths.dir.iterdir()):
@@ -142,22 +177,17 @@ def plan(paths: RunPaths, cfg: dict, resume: str, *, rank_zero: bool = True) -> 
     if resume == "never" and rank_zero:
         raise ConfigError("resume", "never", f"auto, or a new run.name ({paths.dir} already holds a run)")
     old_cfg = yaml.safe_load(paths.config.read_text()) if paths.config.exists() else {}
-    changed = [
-        k
-        for k in differing_keys(identity_view(old_cfg), identity_view(cfg))
-        if k.split(".")[0] in RESUME_MUST_MATCH
-    ]
-    if changed:
-        shown = ", ".join(changed[:5]) + (" ..." if len(changed) > 5 else "")
-        raise ConfigError(
-            "run.dir", str(paths.dir), f"a run with the same model/data/seed; these differ: {shown}"
-        )
+    notes = _check_same("run.dir", str(paths.dir), old_cfg, cfg, allow_config_change)
     unchanged = not differing_keys(identity_view(old_cfg), identity_view(cfg))
     if state.get("status") == "finished" and unchanged:
         return Plan("done")
-    if paths.last_checkpoint.exists():
-        return Plan("resume", str(paths.last_checkpoint))
-    return Plan("fresh")
+    found = find_latest_valid(paths.checkpoints)
+    notes += [f"checkpoint {p} is not valid ({why}); using an older one" for p, why in found.rejected]
+    if found.path is not None:
+        return Plan("resume", str(found.path), tuple(notes))
+    if found.rejected:
+        notes.append("no valid checkpoint left: training starts again from step 0")
+    return Plan("fresh", None, tuple(notes))
 
 
 # ---------------------------------------------------------------------------------------------- writing

@@ -79,7 +79,8 @@ def cli_main(args: list[str]) -> int:
     except SystemExit as exit_:  # Hydra's --help and --info end with sys.exit
         return exit_.code if isinstance(exit_.code, int) else 0
     except _Abort as abort:
-        print(abort.message, file=sys.stderr)
+        if abort.message:
+            print(abort.message, file=sys.stderr)
         return abort.code
     except Exception as exc:
         line = describe(exc)
@@ -127,7 +128,10 @@ def prepare(cfg: DictConfig) -> Prepared:
     if PLAN_ENV in os.environ:  # a worker started by our own launcher: it already decided
         plan = rundir.Plan(**json.loads(os.environ[PLAN_ENV]))
     else:
-        plan = rundir.plan(paths, resolved, conf.resume, rank_zero=env_rank() == 0)
+        plan = rundir.plan(
+            paths, resolved, conf.resume, rank_zero=env_rank() == 0,
+            allow_config_change=conf.checkpoint.allow_config_change,
+        )  # fmt: skip
     # The run's identity is passed on spelled out (see run), so it is not part of the recorded overrides.
     overrides = [
         o for o in hydra_cfg.overrides.task if o.split("=", 1)[0].lstrip("+~") not in ("run.name", "run.dir")
@@ -152,6 +156,9 @@ def run(cfg: DictConfig) -> None:
             raise
         raise _Abort(f"error: {line}", EXIT_CONFIG) from None
 
+    if rank == 0:
+        for note in p.plan.notes:
+            log.warning("%s", note)
     if p.plan.action == "done":
         if rank == 0:
             state = rundir.read_json(p.paths.state) or {}
@@ -169,14 +176,19 @@ def run(cfg: DictConfig) -> None:
         pinned = [f"run.name={quote(p.paths.name)}", f"run.dir={quote(str(p.paths.dir))}"]
         args = config_source_args(_ARGV) + p.overrides + pinned
         try:
-            run_workers(args, p.conf.trainer.devices, dataclasses.asdict(p.plan))
+            code = run_workers(args, p.conf.trainer.devices, dataclasses.asdict(p.plan))
         except WorkersFailed as err:
             raise _Abort(f"error: {err}", err.returncode) from None
+        if code:
+            raise _Abort("", code)  # the workers said why
         return
 
-    from trainer.fit import fit
+    from trainer.fit import RunStopped, fit
 
-    fit(p.conf, p.resolved, p.paths, p.plan, p.overrides, p.accelerator)
+    try:
+        fit(p.conf, p.resolved, p.paths, p.plan, p.overrides, p.accelerator)
+    except RunStopped as stop:
+        raise _Abort(stop.message if rank == 0 else "", stop.code) from None
 
 
 if __name__ == "__main__":

@@ -294,7 +294,10 @@ class StrategyConfig:
     backend: str | None = None
     """Process-group backend; ``null`` picks ``nccl`` on CUDA and ``gloo`` on CPU."""
     timeout_s: int = 1800
-    """Collective timeout in seconds: how long a rank waits for the others before the job fails."""
+    """Collective timeout in seconds during start-up and the first step (which may include compilation)."""
+    step_timeout_s: int | None = 300
+    """Collective timeout after the first step: a rank that waits this long for the others fails the job
+    (``null``: keep ``timeout_s``)."""
     find_unused_parameters: bool = False
     """DDP: tolerate parameters that get no gradient in a step (slower; only for models that need it)."""
     static_graph: bool = False
@@ -311,6 +314,8 @@ class StrategyConfig:
         if self.backend is not None:
             _one_of("backend", self.backend, ("nccl", "gloo"))
         _positive("timeout_s", self.timeout_s)
+        if self.step_timeout_s is not None:
+            _positive("step_timeout_s", self.step_timeout_s)
         _one_of("sharding", self.sharding, ("full", "hybrid"))
 
 
@@ -365,6 +370,9 @@ class TrainerConfig:
     """Ask torch for deterministic kernels (slower; errors where an op has none)."""
     enable_progress_bar: bool = True
     """Show a progress bar on rank zero."""
+    on_nonfinite_loss: str = "stop"
+    """A NaN/inf loss or gradient is never applied. ``stop``: save the last good state and exit with code 3;
+    ``skip``: skip that step and go on."""
 
     def __post_init__(self) -> None:
         _one_of("accelerator", self.accelerator, ACCELERATORS)
@@ -383,6 +391,7 @@ class TrainerConfig:
             _non_negative("limit_val_batches", self.limit_val_batches)
         _non_negative("num_sanity_val_steps", self.num_sanity_val_steps)
         _positive("log_every_n_steps", self.log_every_n_steps)
+        _one_of("on_nonfinite_loss", self.on_nonfinite_loss, ("stop", "skip"))
 
 
 # ---------------------------------------------------------------------------------------------- logger
@@ -412,13 +421,42 @@ class LoggerConfig:
 
 @dataclass
 class CheckpointConfig:
-    """Checkpoints under ``<run.dir>/checkpoints``; ``last.ckpt`` is always written at the end of a run."""
+    """Checkpoints under ``<run.dir>/checkpoints``: ``step-N.ckpt`` files, each with a ``.json`` manifest (step,
+    config hash, size, SHA-256), and ``last.ckpt``, the newest one. One is always written at the end of a run."""
 
     every_n_steps: int = 100
-    """Also save ``last.ckpt`` every this many optimizer steps (0: only at the end)."""
+    """Save every this many optimizer steps (0: not by step count)."""
+    every_n_minutes: float | None = None
+    """Also save when this many minutes have passed since the last save (``null``: not by time)."""
+    keep_last_k: int = 2
+    """Keep the newest K step checkpoints (at least 1)."""
+    keep_best_k: int = 0
+    """Also keep the best K by ``monitor`` (saved right after each validation when > 0)."""
+    monitor: str = "val/loss"
+    """Metric that ranks checkpoints for ``keep_best_k``."""
+    mode: str = "min"
+    """``min`` or ``max``: whether a lower or a higher ``monitor`` is better."""
+    save_on_signals: list[str] = field(default_factory=lambda: ["SIGUSR1", "SIGTERM"])
+    """Signals that make the run save at the next step boundary and exit with code 75 (requeue me).
+    SIGUSR1 is what SLURM sends ahead of a time limit with ``--signal``; SIGTERM is what preemption sends."""
+    allow_config_change: bool = False
+    """Resume even when the checkpoint's model/data/seed differ from the current config (fine-tuning); the
+    differing keys are still reported."""
 
     def __post_init__(self) -> None:
         _non_negative("every_n_steps", self.every_n_steps)
+        if self.every_n_minutes is not None:
+            _positive("every_n_minutes", self.every_n_minutes)
+        _positive("keep_last_k", self.keep_last_k)
+        _non_negative("keep_best_k", self.keep_best_k)
+        _one_of("mode", self.mode, ("min", "max"))
+        import signal
+
+        for name in self.save_on_signals:
+            if name in ("SIGKILL", "SIGSTOP") or not isinstance(
+                getattr(signal, str(name), None), signal.Signals
+            ):
+                raise ConfigError("save_on_signals", name, "signal names such as SIGUSR1, SIGUSR2, SIGTERM")
 
 
 # ---------------------------------------------------------------------------------------------- root

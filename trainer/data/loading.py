@@ -1,18 +1,67 @@
-"""The DataLoader every built-in data module uses: a seeded, rank-aware sampler and no dropped samples
-between ranks.
+"""The DataLoader every built-in data module uses: a seeded, rank-aware order that resumes mid-epoch.
 
 The training order is a pure function of (seed, epoch): ``DistributedSampler`` draws the permutation from a
 generator seeded with ``seed + epoch`` and gives rank r the samples r, r + world, r + 2 * world, ... So one
 process with batch 2B and two processes with batch B see the same samples at every step, and Lightning does
 not replace the sampler (it only injects its own where the sampler is not a ``DistributedSampler``).
+
+Resuming: the loader's state is (epoch, batches already trained in that epoch). Lightning stores it in the
+checkpoint and hands it back before the epoch restarts; the sampler then skips exactly those samples, so
+the rest of the epoch is the same as in an uninterrupted run. The trained-batch count comes from Lightning's
+progress counter, not from the loader: Lightning fetches one batch ahead, so the loader's own count would be
+one too many.
 """
 
 from __future__ import annotations
 
+import logging
+from collections.abc import Iterator
 from typing import Any
 
 import torch
 from torch.utils.data import DataLoader, Dataset, DistributedSampler
+
+log = logging.getLogger("trainer")
+
+
+class ResumableSampler(DistributedSampler):
+    """``DistributedSampler`` that can start an epoch part-way through, without changing its length."""
+
+    def __init__(self, dataset: Dataset, **kwargs: Any) -> None:
+        super().__init__(dataset, **kwargs)
+        self.skip = 0  # samples of this rank to skip, once, in epoch ``self.epoch``
+
+    def __iter__(self) -> Iterator[int]:
+        indices = list(super().__iter__())
+        skip, self.skip = self.skip, 0
+        return iter(indices[skip:])
+
+
+class ResumableDataLoader(DataLoader):
+    """A DataLoader with ``state_dict``/``load_state_dict``, which makes Lightning checkpoint its position."""
+
+    def __init__(self, *args: Any, trainer: Any = None, **kwargs: Any) -> None:
+        super().__init__(*args, **kwargs)
+        self._trainer = trainer
+
+    def state_dict(self) -> dict[str, int]:
+        trainer = self._trainer
+        done = 0 if trainer is None else int(trainer.fit_loop.epoch_loop.batch_progress.current.processed)
+        return {
+            "epoch": int(self.sampler.epoch),
+            "batches_done": done,
+            "batch_size": int(self.batch_size or 1),
+        }
+
+    def load_state_dict(self, state: dict[str, int]) -> None:
+        skip = int(state.get("batches_done", 0)) * int(state.get("batch_size", self.batch_size or 1))
+        if skip >= self.sampler.num_samples:  # the saved epoch was complete: the next one starts afresh
+            self.sampler.set_epoch(int(state["epoch"]) + 1)
+            return
+        if state.get("batch_size") != self.batch_size:
+            log.warning("data: batch size changed since the checkpoint; the epoch resumes at sample %d", skip)
+        self.sampler.set_epoch(int(state["epoch"]))
+        self.sampler.skip = skip
 
 
 def rank_and_world(trainer: Any) -> tuple[int, int]:
@@ -32,15 +81,20 @@ def make_loader(
     train: bool,
 ) -> DataLoader:
     rank, world = rank_and_world(trainer)
-    sampler = DistributedSampler(
+    sampler = ResumableSampler(
         dataset, num_replicas=world, rank=rank, shuffle=shuffle and train, seed=seed, drop_last=train
     )
-    return DataLoader(
+    return ResumableDataLoader(
         dataset,
+        trainer=trainer if train else None,
         batch_size=batch_size,
         sampler=sampler,
         num_workers=num_workers,
         drop_last=train,
         pin_memory=torch.cuda.is_available(),
         persistent_workers=num_workers > 0,
+        # The loader draws its workers' base seed from this generator, not from torch's global one: the
+        # model's random stream (dropout) then does not depend on how many loaders were created, which
+        # differs between an uninterrupted run and a resumed one.
+        generator=torch.Generator().manual_seed(seed),
     )

@@ -1,0 +1,130 @@
+"""Exact resume: a run stopped at any step (a preemption signal or kill -9), then continued, ends with the
+same parameters, bit for bit, as a run that was never interrupted (CPU, fp32)."""
+
+from __future__ import annotations
+
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+import torch
+from conftest import column, read_metrics
+
+DIGITS = ["experiment=digits_mlp", "trainer.max_steps=120", "trainer.log_every_n_steps=1",
+          "trainer.val_check_interval=25", "checkpoint.every_n_steps=7", "trainer.enable_progress_bar=false",
+          "trainer.accelerator=cpu"]  # fmt: skip
+GPT = ["model.n_layer=2", "model.n_head=2", "model.n_embd=64", "model.block_size=32", "model.dropout=0.1",
+       "data.batch_size=8", "trainer.max_steps=60", "trainer.log_every_n_steps=1", "trainer.val_check_interval=20",
+       "trainer.limit_val_batches=2", "checkpoint.every_n_steps=5", "trainer.enable_progress_bar=false",
+       "trainer.accelerator=cpu"]  # fmt: skip
+
+
+def start(cwd: Path, args: list[str], env: dict) -> subprocess.Popen:
+    return subprocess.Popen([sys.executable, "-m", "trainer", "train", *args], cwd=cwd, env=env,
+                            stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)  # fmt: skip
+
+
+def wait_for_step(run_dir: Path, step: int, proc: subprocess.Popen, timeout: float = 120) -> int:
+    """Block until metrics.csv shows ``step`` or later; return the newest step seen."""
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        assert proc.poll() is None, proc.stdout.read()
+        try:
+            steps = [int(r["step"]) for r in read_metrics(run_dir)]
+        except (OSError, KeyError, ValueError):
+            steps = []
+        if steps and steps[-1] >= step:
+            return steps[-1]
+        time.sleep(0.02)
+    raise AssertionError(f"step {step} not reached in {timeout}s")
+
+
+def final_state(run_dir: Path) -> dict:
+    ckpt = torch.load(run_dir / "checkpoints" / "last.ckpt", map_location="cpu", weights_only=True)
+    return {"model": ckpt["state_dict"], "optim": ckpt["optimizer_states"], "step": ckpt["global_step"]}
+
+
+def assert_bitwise_equal(a: object, b: object, where: str = "") -> None:
+    if isinstance(a, dict):
+        assert isinstance(b, dict) and a.keys() == b.keys(), where
+        for k in a:
+            assert_bitwise_equal(a[k], b[k], f"{where}.{k}")
+    elif isinstance(a, (list, tuple)):
+        assert len(a) == len(b), where
+        for i, (x, y) in enumerate(zip(a, b, strict=True)):
+            assert_bitwise_equal(x, y, f"{where}[{i}]")
+    elif isinstance(a, torch.Tensor):
+        assert torch.equal(a, b), f"{where} differs (max abs diff {(a.float() - b.float()).abs().max()})"
+    else:
+        assert a == b, where
+
+
+@pytest.fixture
+def env(tmp_path: Path) -> dict:
+    e = dict(os.environ, TMPDIR=str(tmp_path), OMP_NUM_THREADS="1", PYTHONUNBUFFERED="1")
+    for var in ("RANK", "LOCAL_RANK", "WORLD_SIZE", "SLURM_PROCID", "SLURM_NTASKS", "TRAINER_PLAN"):
+        e.pop(var, None)
+    return e
+
+
+def interrupted_run(tmp_path: Path, env: dict, args: list[str], stops: list[tuple[int, str]], name: str) -> Path:
+    """Run, stopping at each (step, how) with how in {"usr1", "term", "kill"}; then run to the end."""
+    run_dir = tmp_path / "runs" / name
+    for step, how in stops:
+        proc = start(tmp_path, [*args, f"run.name={name}"], env)
+        seen = wait_for_step(run_dir, step, proc)
+        sig = {"usr1": signal.SIGUSR1, "term": signal.SIGTERM, "kill": signal.SIGKILL}[how]
+        os.kill(proc.pid, sig)
+        out, _ = proc.communicate(timeout=120)
+        expected = -signal.SIGKILL if how == "kill" else 75
+        assert proc.returncode == expected, out
+        if how != "kill":
+            assert "preempted by a signal: checkpoint saved at step" in out
+            saved = max(int(r["step"]) for r in read_metrics(run_dir))
+            assert saved >= seen
+    proc = start(tmp_path, [*args, f"run.name={name}"], env)
+    out, _ = proc.communicate(timeout=300)
+    assert proc.returncode == 0, out
+    assert "resuming" in out
+    return run_dir
+
+
+def reference_run(tmp_path: Path, env: dict, args: list[str]) -> Path:
+    proc = start(tmp_path, [*args, "run.name=reference"], env)
+    out, _ = proc.communicate(timeout=300)
+    assert proc.returncode == 0, out
+    return tmp_path / "runs" / "reference"
+
+
+@pytest.mark.slow
+def test_signal_twice_in_one_epoch_then_kill_9_mlp_with_dropout(tmp_path, env):
+    # 1437 training digits / 64 = 22 batches per epoch: stops at ~5 and ~12 (same epoch), ~40 (kill -9,
+    # resumed from the last periodic checkpoint), and 120 steps cross 5 epoch boundaries.
+    ref = reference_run(tmp_path, env, DIGITS)
+    run = interrupted_run(tmp_path, env, DIGITS, [(5, "usr1"), (12, "usr1"), (40, "kill")], "interrupted")
+    assert_bitwise_equal(final_state(ref), final_state(run))
+    # the metrics file has each step once, and the resumed losses are the reference's exactly
+    rows = read_metrics(run)
+    steps = [int(r["step"]) for r in rows if r["train/loss"]]
+    assert steps == list(range(1, 121))
+    assert column(rows, "train/loss") == column(read_metrics(ref), "train/loss")
+
+
+@pytest.mark.slow
+def test_sigterm_mid_epoch_gpt_with_dropout(tmp_path, env, text_corpus):
+    args = [*GPT, f"data.path={text_corpus}"]
+    ref = reference_run(tmp_path, env, args)
+    run = interrupted_run(tmp_path, env, args, [(17, "term")], "interrupted")
+    assert_bitwise_equal(final_state(ref), final_state(run))
+
+
+@pytest.mark.distributed
+def test_two_process_ddp_preempted_and_killed(tmp_path, env, text_corpus):
+    args = [*GPT, f"data.path={text_corpus}", "strategy=ddp", "trainer.devices=2", "trainer.max_steps=40"]
+    ref = reference_run(tmp_path, env, args)
+    run = interrupted_run(tmp_path, env, args, [(9, "usr1"), (23, "kill")], "interrupted")
+    assert_bitwise_equal(final_state(ref), final_state(run))

@@ -1,0 +1,319 @@
+"""When to save, what a checkpoint holds beyond Lightning's own state, and how a run stops cleanly.
+
+- Saves every ``every_n_steps`` optimizer steps and/or ``every_n_minutes``, at the end, on a preemption
+  signal and when a non-finite loss stops the run; always at an optimizer-step boundary, so a resumed run
+  has no half-accumulated gradient. Keeps the newest K and the best K by a monitored metric.
+- Adds every rank's random state (python, numpy, torch, CUDA) to the checkpoint and puts it back before the
+  first resumed step: with the data position (see trainer/data/loading.py) and Lightning's model, optimizer,
+  scheduler and loop state, a resumed run computes exactly what the uninterrupted one would have.
+- Signals (SIGUSR1, SIGTERM by default) only set a flag. At the next step boundary all ranks agree through
+  one small all-reduce, save one checkpoint together and stop; the process then exits with EXIT_PREEMPTED.
+- A non-finite loss or gradient is never applied to the weights: the step is skipped, and (policy ``stop``)
+  the run saves that last good state and stops with EXIT_NONFINITE.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import random
+import shutil
+import signal
+import time
+from datetime import timedelta
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import pytorch_lightning as pl
+import torch
+
+from trainer.checkpoint.manifest import (
+    read_manifest,
+    step_checkpoint_name,
+    step_checkpoints,
+    write_manifest,
+)
+
+log = logging.getLogger("trainer")
+
+EXIT_NONFINITE = 3
+"""Exit code: training stopped on a non-finite loss; the last good state is saved."""
+EXIT_PREEMPTED = 75
+"""Exit code: stopped by a preemption signal after saving a checkpoint; run the same command to continue.
+(75 is EX_TEMPFAIL of sysexits.h: a temporary failure, try again.)"""
+
+LAST = "last.ckpt"
+
+
+def capture_rng() -> dict[str, Any]:
+    """This process's random streams, in types ``torch.load(weights_only=True)`` accepts."""
+    py = random.getstate()
+    name, keys, pos, has_gauss, cached = np.random.get_state()
+    state: dict[str, Any] = {
+        "python": [py[0], list(py[1]), py[2]],
+        "numpy": [name, keys.tolist(), int(pos), int(has_gauss), float(cached)],
+        "torch": torch.get_rng_state(),
+    }
+    if torch.cuda.is_available() and torch.cuda.is_initialized():
+        state["cuda"] = torch.cuda.get_rng_state_all()
+    return state
+
+
+def restore_rng(state: dict[str, Any]) -> None:
+    version, keys, gauss = state["python"]
+    random.setstate((version, tuple(keys), gauss))
+    name, keys, pos, has_gauss, cached = state["numpy"]
+    np.random.set_state((name, np.asarray(keys, dtype=np.uint32), pos, has_gauss, cached))
+    torch.set_rng_state(state["torch"])
+    if "cuda" in state and torch.cuda.is_available():
+        torch.cuda.set_rng_state_all(state["cuda"])
+
+
+class Checkpointer(pl.Callback):
+    def __init__(
+        self,
+        directory: str | os.PathLike,
+        *,
+        every_n_steps: int,
+        every_n_minutes: float | None,
+        keep_last_k: int,
+        keep_best_k: int,
+        monitor: str,
+        mode: str,
+        signals: list[str],
+        on_nonfinite: str,
+        step_timeout_s: float | None,
+        manifest_extra: dict | None = None,
+    ) -> None:
+        self.directory = Path(directory)
+        self.every_n_steps, self.every_n_minutes = every_n_steps, every_n_minutes
+        self.keep_last_k, self.keep_best_k, self.monitor, self.mode = keep_last_k, keep_best_k, monitor, mode
+        self.signals, self.on_nonfinite, self.step_timeout_s = signals, on_nonfinite, step_timeout_s
+        self.manifest_extra = dict(manifest_extra or {})
+        self.received_signal: int | None = None
+        self.preempted = False
+        self.stopped_nonfinite: str | None = None
+        self.saves: list[dict[str, float]] = []  # one entry per checkpoint written (rank zero)
+        self._original_handlers: dict[int, Any] = {}
+        self._rng_to_restore: dict | None = None
+        self._last_step: int | None = None
+        self._last_saved_step: int | None = None
+        self._last_save_time = time.monotonic()
+        self._nonfinite_pending: str | None = None
+        self._timeout_tightened = False
+
+    # ------------------------------------------------------------------ state in the checkpoint
+
+    def state_dict(self) -> dict[str, Any]:
+        state = capture_rng()
+        if torch.distributed.is_available() and torch.distributed.is_initialized():
+            states: list[Any] = [None] * torch.distributed.get_world_size()
+            torch.distributed.all_gather_object(states, state)
+        else:
+            states = [state]
+        return {"rng": states, "world_size": len(states)}
+
+    def load_state_dict(self, state_dict: dict[str, Any]) -> None:
+        states = state_dict.get("rng") or []
+        rank = torch.distributed.get_rank() if torch.distributed.is_initialized() else 0
+        if rank < len(states):
+            self._rng_to_restore = states[rank]
+        if states and len(states) != (
+            torch.distributed.get_world_size() if torch.distributed.is_initialized() else 1
+        ):
+            log.warning(
+                "checkpoint: saved by %d ranks, resumed on a different number; random streams differ",
+                len(states),
+            )
+
+    # ------------------------------------------------------------------ hooks
+
+    def on_train_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
+        # Restore here, after Lightning's restore and loader set-up, right before the first resumed step.
+        if self._rng_to_restore is not None:
+            restore_rng(self._rng_to_restore)
+            self._rng_to_restore = None
+        self._last_step = trainer.global_step
+        self._last_save_time = time.monotonic()
+        # Installed after Lightning's own handlers, so these are the ones that act (Lightning's SLURM
+        # auto-requeue is turned off in fit.py: the two must never both act).
+        for name in self.signals:
+            signum = getattr(signal, name)
+            self._original_handlers[signum] = signal.signal(signum, self._on_signal)
+
+    def on_train_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
+        self.restore_signal_handlers()
+
+    def on_exception(
+        self, trainer: pl.Trainer, pl_module: pl.LightningModule, exception: BaseException
+    ) -> None:
+        self.restore_signal_handlers()
+
+    def restore_signal_handlers(self) -> None:
+        for signum, handler in self._original_handlers.items():
+            signal.signal(signum, handler)
+        self._original_handlers.clear()
+
+    def _on_signal(self, signum: int, frame: Any) -> None:
+        self.received_signal = signum  # nothing else: the training loop acts on it at the next step boundary
+
+    def on_before_backward(
+        self, trainer: pl.Trainer, pl_module: pl.LightningModule, loss: torch.Tensor
+    ) -> None:
+        if not torch.isfinite(loss.detach()).all():
+            self._nonfinite_pending = f"loss {float(loss.detach())}"
+
+    def on_before_optimizer_step(
+        self, trainer: pl.Trainer, pl_module: pl.LightningModule, optimizer: torch.optim.Optimizer
+    ) -> None:
+        params = [p for group in optimizer.param_groups for p in group["params"] if p.grad is not None]
+        if not params:
+            return
+        reason = self._nonfinite_pending
+        # Gradients are all-reduced already, so every rank sees the same verdict (fp16 overflow is the
+        # grad scaler's business, it skips those steps itself).
+        if reason is None and trainer.precision != "16-mixed":
+            norms = torch._foreach_norm([p.grad for p in params])
+            if not torch.isfinite(torch.stack(norms)).all():
+                reason = "gradient"
+        if reason is None:
+            return
+        for p in params:
+            p.grad = None  # the optimizer skips parameters without a gradient: the weights stay as they were
+        step = trainer.global_step + 1
+        self._nonfinite_pending = f"non-finite {reason} at step {step} on rank {trainer.global_rank}"
+        if self.on_nonfinite == "skip":
+            log.warning("skipped step %d: non-finite %s (trainer.on_nonfinite_loss=skip)", step, reason)
+
+    def on_train_batch_end(
+        self, trainer: pl.Trainer, pl_module: pl.LightningModule, outputs: Any, batch: Any, batch_idx: int
+    ) -> None:
+        step = trainer.global_step
+        if step == self._last_step:
+            return  # inside a gradient accumulation: not a step boundary
+        self._last_step = step
+        self._tighten_timeout(trainer)
+        time_due = (
+            bool(self.every_n_minutes)
+            and time.monotonic() - self._last_save_time >= 60 * self.every_n_minutes
+        )
+        nonfinite = self._nonfinite_pending is not None and self.on_nonfinite == "stop"
+        preempt, time_due, nonfinite = self._agree(
+            trainer, [self.received_signal is not None, time_due, nonfinite]
+        )
+        self._nonfinite_pending = None if not nonfinite else self._nonfinite_pending
+        if preempt:
+            self.preempted = True
+            self.save(trainer, "preempted")
+            trainer.should_stop = True
+        elif nonfinite:
+            self.stopped_nonfinite = self._nonfinite_pending or "non-finite loss on another rank"
+            self.save(trainer, "nonfinite")
+            trainer.should_stop = True
+        elif (self.every_n_steps and step % self.every_n_steps == 0) or time_due:
+            self.save(trainer, "periodic")
+        self._nonfinite_pending = None
+
+    def on_validation_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
+        if trainer.sanity_checking or not self.keep_best_k or trainer.global_step == 0:
+            return
+        step = trainer.global_step
+        if self._last_saved_step == step:  # saved at this step already: record the metric it scored
+            if trainer.is_global_zero:
+                path = self.directory / step_checkpoint_name(step)
+                manifest = read_manifest(path)
+                if manifest is not None:
+                    manifest["metric"] = self._metric(trainer)
+                    write_manifest(path, manifest)
+                    self._retain()
+        else:
+            self.save(trainer, "validation")
+
+    # ------------------------------------------------------------------ saving
+
+    def save(self, trainer: pl.Trainer, reason: str) -> Path:
+        """Write ``step-N.ckpt`` (all ranks call this together), point ``last.ckpt`` at it, prune old ones."""
+        step = trainer.global_step
+        path = self.directory / step_checkpoint_name(step)
+        started = time.perf_counter()
+        manifest = dict(
+            self.manifest_extra, reason=reason, metric=self._metric(trainer), monitor=self.monitor
+        )
+        trainer.save_checkpoint(path, weights_only=False, storage_options={"manifest": manifest})
+        stall = time.perf_counter() - started
+        self._last_saved_step, self._last_save_time = step, time.monotonic()
+        if trainer.is_global_zero:
+            self._link_last(path)
+            self._retain()
+            written = getattr(trainer.strategy.checkpoint_io, "last_write", {}) or {}
+            stats = {
+                "step": step,
+                "stall_s": stall,
+                "bytes": written.get("bytes", 0),
+                "write_s": written.get("seconds", 0.0),
+            }
+            self.saves.append(stats)
+            row = {"checkpoint/stall_s": stall, "checkpoint/mb": stats["bytes"] / 1e6}
+            if stats["write_s"]:
+                row["checkpoint/mb_per_s"] = stats["bytes"] / 1e6 / stats["write_s"]
+            for logger in trainer.loggers:
+                logger.log_metrics({"step": step, **row}, step=step)
+            if reason in ("preempted", "nonfinite"):
+                log.info("checkpoint saved at step %d (%s): %s", step, reason, path)
+        return path
+
+    def _metric(self, trainer: pl.Trainer) -> float | None:
+        value = trainer.callback_metrics.get(self.monitor)
+        return None if value is None else float(value)
+
+    def _link_last(self, path: Path) -> None:
+        last = self.directory / LAST
+        tmp = self.directory / f".{LAST}.tmp"
+        tmp.unlink(missing_ok=True)
+        try:
+            os.link(path, tmp)  # a hard link: no second copy of the bytes
+        except OSError:
+            shutil.copy2(path, tmp)
+        os.replace(tmp, last)
+        manifest = read_manifest(path) or {}
+        write_manifest(last, dict(manifest, file=LAST, source=path.name))
+
+    def _retain(self) -> None:
+        entries = step_checkpoints(self.directory)  # newest first
+        keep = {p for _, p in entries[: self.keep_last_k]}
+        if self.keep_best_k:
+            scored = [
+                (m["metric"], p)
+                for _, p in entries
+                if (m := read_manifest(p)) and m.get("metric") is not None
+            ]
+            scored.sort(key=lambda mp: mp[0], reverse=self.mode == "max")
+            keep |= {p for _, p in scored[: self.keep_best_k]}
+        for _, path in entries:
+            if path not in keep:
+                path.unlink(missing_ok=True)
+                Path(str(path) + ".json").unlink(missing_ok=True)
+
+    # ------------------------------------------------------------------ distributed helpers
+
+    def _agree(self, trainer: pl.Trainer, flags: list[bool]) -> list[bool]:
+        """Every rank gets the OR of every rank's flags (one all-reduce of a few numbers per step)."""
+        if trainer.world_size == 1:
+            return flags
+        tensor = torch.tensor([float(f) for f in flags], device=trainer.strategy.root_device)
+        torch.distributed.all_reduce(tensor, op=torch.distributed.ReduceOp.MAX)
+        return [bool(v) for v in tensor.tolist()]
+
+    def _tighten_timeout(self, trainer: pl.Trainer) -> None:
+        """After the first step (start-up, first compilation done) a stuck collective means a dead rank: stop
+        waiting for it after ``step_timeout_s`` instead of the long start-up timeout."""
+        if self._timeout_tightened or not self.step_timeout_s or trainer.world_size == 1:
+            return
+        self._timeout_tightened = True
+        try:
+            from torch.distributed.distributed_c10d import _set_pg_timeout
+
+            _set_pg_timeout(timedelta(seconds=self.step_timeout_s), None)
+        except Exception as err:  # a private torch API: keep training with the start-up timeout
+            log.warning("could not shorten the collective timeout after the first step: %s", err)

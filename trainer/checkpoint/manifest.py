@@ -1,0 +1,99 @@
+"""Checkpoint manifests and their verification. Imports no torch: the launch side reads these on login nodes.
+
+Every checkpoint ``<name>.ckpt`` has a sidecar ``<name>.ckpt.json``, written (atomically) only after the
+checkpoint itself is complete and renamed into place. It records the step, the epoch, the run's config hash
+and the identity-relevant config, the file's size and SHA-256. A checkpoint without a manifest, or whose
+bytes do not match it, is not valid: a crash at any moment of a write leaves nothing that looks valid.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import re
+from dataclasses import dataclass
+from pathlib import Path
+
+MANIFEST_SUFFIX = ".json"
+STEP_NAME = re.compile(r"^step-(\d+)\.ckpt$")
+
+
+def step_checkpoint_name(step: int) -> str:
+    return f"step-{step:08d}.ckpt"
+
+
+def manifest_path(checkpoint: str | os.PathLike) -> Path:
+    return Path(str(checkpoint) + MANIFEST_SUFFIX)
+
+
+def atomic_write_text(path: Path, text: str) -> None:
+    tmp = path.with_name(f".{path.name}.tmp")
+    with tmp.open("w") as f:
+        f.write(text)
+        f.flush()
+        os.fsync(f.fileno())
+    os.replace(tmp, path)
+
+
+def write_manifest(checkpoint: Path, manifest: dict) -> None:
+    atomic_write_text(manifest_path(checkpoint), json.dumps(manifest, indent=1, sort_keys=True))
+
+
+def read_manifest(checkpoint: str | os.PathLike) -> dict | None:
+    try:
+        return json.loads(manifest_path(checkpoint).read_text())
+    except (OSError, ValueError):
+        return None
+
+
+def sha256_file(path: Path, chunk: int = 1 << 22) -> str:
+    digest = hashlib.sha256()
+    with path.open("rb") as f:
+        while block := f.read(chunk):
+            digest.update(block)
+    return digest.hexdigest()
+
+
+def verify(checkpoint: Path) -> str | None:
+    """None when the checkpoint is complete and intact; otherwise why not, in a few words."""
+    manifest = read_manifest(checkpoint)
+    if manifest is None:
+        return "no manifest (the write did not finish)"
+    try:
+        size = checkpoint.stat().st_size
+    except OSError:
+        return "file missing"
+    if size != manifest.get("bytes"):
+        return f"truncated ({size} of {manifest.get('bytes')} bytes)"
+    if sha256_file(checkpoint) != manifest.get("sha256"):
+        return "checksum mismatch"
+    return None
+
+
+@dataclass(frozen=True)
+class Found:
+    path: Path | None
+    """The newest valid checkpoint, or None."""
+    step: int | None
+    rejected: list[tuple[Path, str]]
+    """Newer checkpoints that were not valid, with the reason."""
+
+
+def step_checkpoints(directory: Path) -> list[tuple[int, Path]]:
+    """``step-N.ckpt`` files of a checkpoint directory, newest first (by the step in their name)."""
+    if not directory.is_dir():
+        return []
+    found = [(int(m.group(1)), p) for p in directory.iterdir() if (m := STEP_NAME.match(p.name))]
+    return sorted(found, reverse=True)
+
+
+def find_latest_valid(directory: Path) -> Found:
+    """The newest checkpoint that verifies; the ones skipped on the way are reported, not deleted."""
+    rejected: list[tuple[Path, str]] = []
+    for step, path in step_checkpoints(directory):
+        reason = verify(path)
+        if reason is None:
+            return Found(path, step, rejected)
+        rejected.append((path, reason))
+    return Found(None, None, rejected)
