@@ -71,7 +71,9 @@ def env(tmp_path: Path) -> dict:
     return e
 
 
-def interrupted_run(tmp_path: Path, env: dict, args: list[str], stops: list[tuple[int, str]], name: str) -> Path:
+def interrupted_run(
+    tmp_path: Path, env: dict, args: list[str], stops: list[tuple[int, str]], name: str
+) -> Path:
     """Run, stopping at each (step, how) with how in {"usr1", "term", "kill"}; then run to the end."""
     run_dir = tmp_path / "runs" / name
     for step, how in stops:

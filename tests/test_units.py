@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import csv
 import json
+from pathlib import Path
 
 import pytest
 import torch
@@ -45,14 +46,28 @@ def test_paths_default_to_experiment_and_hash(tmp_path):
         rundir.resolve_paths(dict(CFG, run={"name": "../x"}), "exp")
 
 
+def fake_checkpoint(directory, step: int, payload: bytes = b"weights") -> Path:
+    """A checkpoint file with a correct manifest, as AtomicCheckpointIO writes them."""
+    import hashlib
+
+    from trainer.checkpoint.manifest import step_checkpoint_name, write_manifest
+
+    directory.mkdir(parents=True, exist_ok=True)
+    path = directory / step_checkpoint_name(step)
+    path.write_bytes(payload)
+    write_manifest(path, {"step": step, "bytes": len(payload), "sha256": hashlib.sha256(payload).hexdigest(),
+                          "identity": rundir.resume_identity(CFG)})  # fmt: skip
+    return path
+
+
 def test_plan_fresh_done_resume(tmp_path):
     paths = rundir.RunPaths("r", tmp_path / "r")
     assert rundir.plan(paths, CFG, "auto").action == "fresh"
     rundir.start(paths, CFG, ["a=1"], rundir.Plan("fresh"), seed=1, world_size=1)
     assert rundir.read_json(paths.state)["status"] == "running"
     assert rundir.plan(paths, CFG, "auto").action == "fresh"  # no checkpoint yet
-    paths.last_checkpoint.write_bytes(b"x")
-    assert rundir.plan(paths, CFG, "auto") == rundir.Plan("resume", str(paths.last_checkpoint))
+    ckpt = fake_checkpoint(paths.checkpoints, 10)
+    assert rundir.plan(paths, CFG, "auto") == rundir.Plan("resume", str(ckpt))
     rundir.finish(paths, "finished", {"steps": 10})
     assert rundir.plan(paths, CFG, "auto").action == "done"
     longer = json.loads(json.dumps(CFG))
@@ -62,10 +77,48 @@ def test_plan_fresh_done_resume(tmp_path):
     other["data"]["batch_size"] = 8
     with pytest.raises(ConfigError, match="data.batch_size"):
         rundir.plan(paths, other, "auto")
+    allowed = rundir.plan(paths, other, "auto", allow_config_change=True)
+    assert allowed.action == "resume" and "data.batch_size" in allowed.notes[0]
     with pytest.raises(ConfigError, match="resume=never"):
         rundir.plan(paths, CFG, "never")
     state = rundir.read_json(paths.state)
     assert state["attempts"][0]["overrides"] == ["a=1"] and state["summary"] == {"steps": 10}
+
+
+def test_corrupt_or_unfinished_newest_checkpoint_falls_back_to_an_older_one(tmp_path):
+    from trainer.checkpoint.manifest import find_latest_valid, manifest_path, verify
+
+    d = tmp_path / "checkpoints"
+    good = fake_checkpoint(d, 10)
+    flipped = fake_checkpoint(d, 20)
+    flipped.write_bytes(b"weightz")  # same size, different bytes
+    truncated = fake_checkpoint(d, 30)
+    truncated.write_bytes(b"wei")
+    unfinished = fake_checkpoint(d, 40)
+    manifest_path(unfinished).unlink()  # killed between the rename and the manifest
+    assert verify(good) is None
+    found = find_latest_valid(d)
+    assert found.path == good and found.step == 10
+    assert [(p.name, why) for p, why in found.rejected] == [
+        ("step-00000040.ckpt", "no manifest (the write did not finish)"),
+        ("step-00000030.ckpt", "truncated (3 of 7 bytes)"),
+        ("step-00000020.ckpt", "checksum mismatch"),
+    ]
+    paths = rundir.RunPaths("r", tmp_path)
+    rundir.start(paths, CFG, [], rundir.Plan("fresh"), seed=1, world_size=1)
+    plan = rundir.plan(paths, CFG, "auto")
+    assert plan.checkpoint == str(good) and len(plan.notes) == 3 and "checksum mismatch" in plan.notes[2]
+
+
+def test_explicit_checkpoint_of_another_model_is_refused_with_the_keys(tmp_path):
+    ckpt = fake_checkpoint(tmp_path / "other", 5)
+    paths = rundir.RunPaths("r", tmp_path / "r")
+    other = json.loads(json.dumps(CFG))
+    other["model"]["n_layer"] = 4
+    with pytest.raises(ConfigError, match=r"model.n_layer"):
+        rundir.plan(paths, other, str(ckpt))
+    assert rundir.plan(paths, CFG, str(ckpt)) == rundir.Plan("resume", str(ckpt))
+    assert rundir.plan(paths, other, str(ckpt), allow_config_change=True).action == "resume"
 
 
 def test_start_keeps_the_earlier_config_when_it_changes(tmp_path):
