@@ -60,6 +60,17 @@ def cases(tmp: Path) -> list[tuple[list[str], str]]:
         (["run.name=a/b"], "run.name=a/b: expected a name without '/'"),
         (["experiment=nope"], "experiment=nope: unknown option"),
         (["trainer.max_steps"], "cannot parse override"),
+        (["checkpoint.keep_last_k=0"], "checkpoint.keep_last_k=0: expected a number > 0"),
+        (
+            ["checkpoint.save_on_signals=[SIGKILL]"],
+            "checkpoint.save_on_signals=SIGKILL: expected signal names",
+        ),
+        (["checkpoint.mode=avg"], "checkpoint.mode=avg: expected one of min, max"),
+        (
+            ["trainer.on_nonfinite_loss=explode"],
+            "trainer.on_nonfinite_loss=explode: expected one of stop, skip",
+        ),
+        (["strategy.step_timeout_s=0"], "strategy.step_timeout_s=0: expected a number > 0"),
     ]
 
 

@@ -141,6 +141,9 @@ class Checkpointer(pl.Callback):
         for name in self.signals:
             signum = getattr(signal, name)
             self._original_handlers[signum] = signal.signal(signum, self._on_signal)
+            # Restart system calls the signal interrupts instead of failing them with EINTR: the signal may
+            # land while a collective is blocked in the network library, which must not see an error.
+            signal.siginterrupt(signum, False)
 
     def on_train_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
         self.restore_signal_handlers()

@@ -1,0 +1,166 @@
+"""Failure handling with real processes: a killed or crashing rank, non-finite losses, unsafe checkpoints."""
+
+from __future__ import annotations
+
+import math
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+import torch
+from conftest import REPO, read_metrics
+
+HELPERS = REPO / "tests" / "helpers"
+FAULTY = ["--config-dir", str(HELPERS / "conf"), "model=faulty", "data=digits", "trainer.accelerator=cpu",
+          "trainer.log_every_n_steps=1", "trainer.val_check_interval=1000", "trainer.enable_progress_bar=false",
+          "checkpoint.every_n_steps=4"]  # fmt: skip
+
+
+@pytest.fixture
+def env(tmp_path: Path) -> dict:
+    e = dict(os.environ, TMPDIR=str(tmp_path), PYTHONPATH=str(HELPERS), PYTHONUNBUFFERED="1")
+    for var in ("RANK", "LOCAL_RANK", "WORLD_SIZE", "SLURM_PROCID", "SLURM_NTASKS", "TRAINER_PLAN"):
+        e.pop(var, None)
+    return e
+
+
+def run(tmp_path: Path, env: dict, *args: str, timeout: float = 300) -> subprocess.CompletedProcess:
+    return subprocess.run([sys.executable, "-m", "trainer", "train", *args], cwd=tmp_path, env=env,
+                          capture_output=True, text=True, timeout=timeout)  # fmt: skip
+
+
+def params_finite(run_dir: Path) -> bool:
+    ckpt = torch.load(run_dir / "checkpoints" / "last.ckpt", map_location="cpu", weights_only=True)
+    return all(torch.isfinite(t).all() for t in ckpt["state_dict"].values())
+
+
+@pytest.mark.distributed
+def test_killed_rank_stops_the_whole_job_quickly_and_is_named(tmp_path, env):
+    proc = subprocess.Popen([sys.executable, "-m", "trainer", "train", *FAULTY, "strategy=ddp", "trainer.devices=2",
+                             "trainer.max_steps=100000", "run.name=victim"], cwd=tmp_path, env=env,
+                            stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)  # fmt: skip
+    metrics = tmp_path / "runs" / "victim" / "metrics.csv"
+    deadline = time.monotonic() + 120
+    while not (metrics.exists() and len(metrics.read_text().splitlines()) > 5):
+        assert proc.poll() is None and time.monotonic() < deadline
+        time.sleep(0.05)
+    children = subprocess.run(["pgrep", "-P", str(proc.pid)], capture_output=True, text=True).stdout.split()
+    assert len(children) == 2
+    workers = {int(p): Path(f"/proc/{p}/environ").read_bytes() for p in children}
+    rank1 = next(pid for pid, environ in workers.items() if b"\0RANK=1\0" in b"\0" + environ)
+    killed_at = time.monotonic()
+    os.kill(rank1, signal.SIGKILL)
+    out, _ = proc.communicate(timeout=60)
+    elapsed = time.monotonic() - killed_at
+    assert proc.returncode == 128 + signal.SIGKILL, out
+    assert f"rank 1 (pid {rank1}) was killed by SIGKILL" in out
+    assert elapsed < 30, f"took {elapsed:.1f}s to stop"
+    for pid in workers:  # no worker left behind
+        assert not Path(f"/proc/{pid}").exists() or "zombie" in Path(f"/proc/{pid}/status").read_text()
+
+
+@pytest.mark.distributed
+def test_rank_raising_fails_the_job_with_its_error(tmp_path, env):
+    started = time.monotonic()
+    result = run(tmp_path, env, *FAULTY, "strategy=ddp", "trainer.devices=2", "trainer.max_steps=100",
+                 "model.fail_step=6", "model.fail_rank=1")  # fmt: skip
+    assert result.returncode == 1, result.stdout + result.stderr
+    assert "deliberate failure at step 6 on rank 1" in result.stderr
+    assert "rank 1 (pid" in result.stderr and "exited with code 1" in result.stderr
+    assert time.monotonic() - started < 120
+
+
+@pytest.mark.slow
+def test_nan_loss_stops_with_the_last_good_state(tmp_path, env):
+    result = run(tmp_path, env, *FAULTY, "trainer.max_steps=50", "model.nan_step=10", "run.name=nan")
+    assert result.returncode == 3, result.stdout + result.stderr
+    assert "stopped on a non-finite loss" in result.stderr and "step 10" in result.stderr
+    run_dir = tmp_path / "runs" / "nan"
+    assert params_finite(run_dir)
+    ckpt = torch.load(run_dir / "checkpoints" / "last.ckpt", map_location="cpu", weights_only=True)
+    assert ckpt["global_step"] == 10  # the NaN step counted but changed nothing
+    assert '"status": "failed"' in (run_dir / "run.json").read_text()
+
+
+@pytest.mark.slow
+def test_nan_loss_on_one_rank_stops_every_rank(tmp_path, env):
+    result = run(tmp_path, env, *FAULTY, "strategy=ddp", "trainer.devices=2", "trainer.max_steps=50",
+                 "model.nan_step=7", "model.nan_rank=1", "run.name=nan2")  # fmt: skip
+    assert result.returncode == 3, result.stdout + result.stderr
+    assert params_finite(tmp_path / "runs" / "nan2")
+
+
+@pytest.mark.slow
+def test_nan_loss_skip_policy_goes_on(tmp_path, env):
+    result = run(tmp_path, env, *FAULTY, "trainer.max_steps=20", "model.nan_step=10", "trainer.on_nonfinite_loss=skip",
+                 "run.name=skip")  # fmt: skip
+    assert result.returncode == 0, result.stdout + result.stderr
+    assert "skipped step 10" in result.stdout + result.stderr
+    assert params_finite(tmp_path / "runs" / "skip")
+    losses = [float(r["train/loss"]) for r in read_metrics(tmp_path / "runs" / "skip") if r["train/loss"]]
+    assert all(math.isnan(v) for v in losses[9:]) and all(math.isfinite(v) for v in losses[:9])
+
+
+@pytest.mark.slow
+def test_checkpoint_that_would_run_code_is_not_loaded(tmp_path, env):
+    evil = tmp_path / "evil.ckpt"
+    marker = tmp_path / "pwned"
+    code = (
+        "import os, torch\n"
+        "class Evil:\n"
+        f"    def __reduce__(self): return (os.system, ('touch {marker}',))\n"
+        f"torch.save({{'state_dict': {{}}, 'payload': Evil()}}, '{evil}')\n"
+    )
+    subprocess.run([sys.executable, "-c", code], check=True)
+    result = run(tmp_path, env, "experiment=digits_mlp", "debug=smoke", f"resume={evil}")
+    assert result.returncode != 0
+    assert "Weights only load failed" in result.stderr or "weights_only" in result.stderr
+    assert not marker.exists()
+
+
+@pytest.mark.slow
+def test_retention_keeps_newest_and_best(tmp_path, env):
+    result = run(tmp_path, env, "experiment=digits_mlp", "trainer.max_steps=60", "trainer.val_check_interval=10",
+                 "checkpoint.every_n_steps=5", "checkpoint.keep_last_k=2", "checkpoint.keep_best_k=1",
+                 "run.name=keep")  # fmt: skip
+    assert result.returncode == 0, result.stdout + result.stderr
+    ckpts = tmp_path / "runs" / "keep" / "checkpoints"
+    names = sorted(p.name for p in ckpts.glob("step-*.ckpt"))
+    assert names[-2:] == ["step-00000055.ckpt", "step-00000060.ckpt"]
+    assert len(names) in (2, 3)  # the best by val/loss is kept too (it may be one of the newest)
+    assert (ckpts / "last.ckpt").stat().st_ino == (ckpts / "step-00000060.ckpt").stat().st_ino
+    rows = read_metrics(tmp_path / "runs" / "keep")
+    assert [r for r in rows if r.get("checkpoint/mb_per_s")], "checkpoint write speed is logged"
+
+
+@pytest.mark.distributed
+def test_signal_to_one_rank_stops_all_ranks_together(tmp_path, env):
+    proc = subprocess.Popen([sys.executable, "-m", "trainer", "train", *FAULTY, "strategy=ddp", "trainer.devices=2",
+                             "trainer.max_steps=100000", "run.name=one"], cwd=tmp_path, env=env,
+                            stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)  # fmt: skip
+    metrics = tmp_path / "runs" / "one" / "metrics.csv"
+    deadline = time.monotonic() + 120
+    while not (metrics.exists() and len(metrics.read_text().splitlines()) > 5):
+        assert proc.poll() is None and time.monotonic() < deadline
+        time.sleep(0.05)
+    children = subprocess.run(["pgrep", "-P", str(proc.pid)], capture_output=True, text=True).stdout.split()
+    rank1 = next(int(p) for p in children if b"\0RANK=1\0" in b"\0" + Path(f"/proc/{p}/environ").read_bytes())
+    os.kill(rank1, signal.SIGUSR1)
+    out, _ = proc.communicate(timeout=60)
+    assert proc.returncode == 75, out
+    assert out.count("preempted by a signal") == 1  # said once, by rank zero
+    state = (tmp_path / "runs" / "one" / "run.json").read_text()
+    assert '"status": "preempted"' in state
+
+
+@pytest.mark.slow
+def test_time_based_checkpoints(tmp_path, env):
+    result = run(tmp_path, env, "experiment=digits_mlp", "trainer.max_steps=400", "checkpoint.every_n_steps=0",
+                 "checkpoint.every_n_minutes=0.005", "checkpoint.keep_last_k=1000", "run.name=timed")  # fmt: skip
+    assert result.returncode == 0, result.stdout + result.stderr
+    saves = sorted((tmp_path / "runs" / "timed" / "checkpoints").glob("step-*.ckpt"))
+    assert len(saves) >= 3  # every 0.3 s over a run of a few seconds, plus the final one
