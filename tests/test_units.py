@@ -146,6 +146,19 @@ def test_csv_rows_merge_per_step_and_resume_truncates(tmp_path):
     assert rows[1]["train/loss"] == "8.0" and rows[1]["val/loss"] == "18.0"
     assert list(rows[0].keys())[: len(COLUMNS)] == list(COLUMNS)
 
+    log = CSVMetricsLogger(path)
+    log.resume_at(3)
+    log.log_metrics({"step": 4, "train/loss": 5.0})
+    log.flush_all()  # before a checkpoint at step 4: the row must be on disk
+    assert list(csv.DictReader(path.open()))[-1]["train/loss"] == "5.0"
+    log.current_step = 4  # what the throughput monitor sets at each optimizer step
+    log.log_metrics({"val/loss": 4.5}, step=3)  # validation after the checkpoint, same optimizer step
+    log.log_metrics({"step": 4, "checkpoint/mb": 1.5})  # a key of its own: the file widens
+    log.finalize("success")
+    rows = list(csv.DictReader(path.open()))
+    assert [r["step"] for r in rows] == ["1", "2", "3", "4"]
+    assert (rows[3]["train/loss"], rows[3]["val/loss"], rows[3]["checkpoint/mb"]) == ("5.0", "4.5", "1.5")
+
     resumed = CSVMetricsLogger(path)
     resumed.resume_at(2)
     resumed.log_metrics({"step": 3, "train/loss": 1.5, "val/acc": 0.5})  # a key of the module's own

@@ -239,6 +239,9 @@ class Checkpointer(pl.Callback):
         """Write ``step-N.ckpt`` (all ranks call this together), point ``last.ckpt`` at it, prune old ones."""
         step = trainer.global_step
         path = self.directory / step_checkpoint_name(step)
+        for logger in trainer.loggers:  # rows up to this step on disk: a resumed run keeps exactly those
+            if callable(flush := getattr(logger, "flush_all", None)):
+                flush()
         started = time.perf_counter()
         manifest = dict(
             self.manifest_extra, reason=reason, metric=self._metric(trainer), monitor=self.monitor

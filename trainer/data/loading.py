@@ -25,16 +25,37 @@ log = logging.getLogger("trainer")
 
 
 class ResumableSampler(DistributedSampler):
-    """``DistributedSampler`` that can start an epoch part-way through, without changing its length."""
+    """``DistributedSampler`` that can start an epoch part-way through, without changing its length.
+
+    It counts its own epochs (one per complete pass) instead of taking Lightning's ``set_epoch``: Lightning's
+    epoch counter comes back one too high after a restart from a checkpoint taken at the end of an epoch,
+    and the data order must not depend on that.
+    """
 
     def __init__(self, dataset: Dataset, **kwargs: Any) -> None:
         super().__init__(dataset, **kwargs)
         self.skip = 0  # samples of this rank to skip, once, in epoch ``self.epoch``
+        self.finished = False  # the last pass reached its end: the next pass is the next epoch
+        self.consumed_per_epoch = self.num_samples  # the loader lowers it to whole batches (drop_last)
+
+    def set_epoch(self, epoch: int) -> None:
+        pass  # see the class docstring
 
     def __iter__(self) -> Iterator[int]:
+        if self.finished:
+            self.epoch += 1
+            self.finished = False
         indices = list(super().__iter__())
         skip, self.skip = self.skip, 0
-        return iter(indices[skip:])
+        return self._pass(indices, skip)
+
+    def _pass(self, indices: list[int], start: int) -> Iterator[int]:
+        # The loader stops asking after its last whole batch, so the end of an epoch is the sample that
+        # completes that batch, not the exhaustion of this iterator.
+        for position in range(start, len(indices)):
+            if position + 1 >= self.consumed_per_epoch:
+                self.finished = True
+            yield indices[position]
 
 
 class ResumableDataLoader(DataLoader):
@@ -43,10 +64,14 @@ class ResumableDataLoader(DataLoader):
     def __init__(self, *args: Any, trainer: Any = None, **kwargs: Any) -> None:
         super().__init__(*args, **kwargs)
         self._trainer = trainer
+        if self.drop_last and self.batch_size:
+            self.sampler.consumed_per_epoch = len(self) * self.batch_size
 
     def state_dict(self) -> dict[str, int]:
         trainer = self._trainer
         done = 0 if trainer is None else int(trainer.fit_loop.epoch_loop.batch_progress.current.processed)
+        if self.sampler.finished:  # saved after the epoch's last batch
+            done = len(self)
         return {
             "epoch": int(self.sampler.epoch),
             "batches_done": done,
@@ -54,13 +79,13 @@ class ResumableDataLoader(DataLoader):
         }
 
     def load_state_dict(self, state: dict[str, int]) -> None:
+        self.sampler.epoch = int(state["epoch"])
         skip = int(state.get("batches_done", 0)) * int(state.get("batch_size", self.batch_size or 1))
-        if skip >= self.sampler.num_samples:  # the saved epoch was complete: the next one starts afresh
-            self.sampler.set_epoch(int(state["epoch"]) + 1)
+        if skip >= self.sampler.consumed_per_epoch:  # that epoch was complete: the next pass starts the next
+            self.sampler.finished = True
             return
         if state.get("batch_size") != self.batch_size:
             log.warning("data: batch size changed since the checkpoint; the epoch resumes at sample %d", skip)
-        self.sampler.set_epoch(int(state["epoch"]))
         self.sampler.skip = skip
 
 

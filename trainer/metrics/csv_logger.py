@@ -37,6 +37,7 @@ class CSVMetricsLogger(Logger):
         self.flush_every_n_rows = flush_every_n_rows
         self.columns: list[str] = list(COLUMNS)
         self._pending: dict[int, dict[str, Any]] = {}
+        self._tail: tuple[int, int, dict[str, Any]] | None = None  # (step, file offset, row) of the last row
         self.current_step: int | None = None
         """The optimizer step, set by the throughput monitor. Lightning passes its own step counter for what
         modules log with ``self.log``, one behind for validation; rows are keyed by optimizer step instead."""
@@ -64,18 +65,27 @@ class CSVMetricsLogger(Logger):
         elif self.current_step is not None:
             step = self.current_step
         step = int(step or 0)
-        row = self._pending.setdefault(step, {"step": step})
-        for key, value in metrics.items():
-            row[key] = float(value.item() if hasattr(value, "item") else value)
-        row["step"] = step
+        values = {k: float(v.item() if hasattr(v, "item") else v) for k, v in metrics.items()}
+        if self._tail is not None and self._tail[0] == step:  # that row is on disk already: complete it
+            _, offset, row = self._tail
+            row.update(values, step=step)
+            self._write([row], truncate_at=offset)
+            return
+        self._pending.setdefault(step, {"step": step}).update(values, step=step)
         # Rows of earlier steps are complete once a later step is logged.
         if len([s for s in self._pending if s < step]) >= self.flush_every_n_rows:
             self._flush(below=step)
 
     @rank_zero_only
+    def flush_all(self) -> None:
+        """Put every row on disk (before a checkpoint: a resumed run keeps the rows up to its step)."""
+        self._flush(below=None)
+
+    @rank_zero_only
     def resume_at(self, step: int) -> None:
         """Keep only rows up to ``step`` (the restored checkpoint's step) and append after them."""
         self._pending.clear()
+        self._tail = None
         if not self.path.exists():
             return
         with self.path.open(newline="") as f:
@@ -97,24 +107,34 @@ class CSVMetricsLogger(Logger):
 
     def _flush(self, below: int | None) -> None:
         steps = sorted(s for s in self._pending if below is None or s < below)
-        if not steps:
-            return
-        rows = [self._pending.pop(s) for s in steps]
+        if steps:
+            self._write([self._pending.pop(s) for s in steps])
+
+    def _write(self, rows: list[dict], truncate_at: int | None = None) -> None:
         new_keys = [k for r in rows for k in r if k not in self.columns]
         if new_keys:  # a module logged a key of its own: widen the file once, keeping earlier rows
             existing = []
             if self.path.exists():
                 with self.path.open(newline="") as f:
                     existing = list(csv.DictReader(f))
+            if truncate_at is not None:
+                existing = existing[:-1]  # the row being completed is written again below
             self.columns += list(dict.fromkeys(new_keys))
             self._rewrite(existing)
+            truncate_at = None
         fresh = not self.path.exists()
-        with self.path.open("a", newline="") as f:
+        with self.path.open("r+" if not fresh else "w", newline="") as f:
+            if truncate_at is not None:
+                f.truncate(truncate_at)
+            f.seek(0, os.SEEK_END)
             writer = csv.DictWriter(f, fieldnames=self.columns, restval="")
             if fresh:
                 writer.writeheader()
-            writer.writerows(rows)
+            for row in rows:
+                offset = f.tell()
+                writer.writerow(row)
             f.flush()
+        self._tail = (int(rows[-1]["step"]), offset, dict(rows[-1]))
 
     def _rewrite(self, rows: list[dict]) -> None:
         tmp = self.path.with_name(f".{self.path.name}.tmp")
@@ -123,3 +143,4 @@ class CSVMetricsLogger(Logger):
             writer.writeheader()
             writer.writerows(rows)
         os.replace(tmp, self.path)
+        self._tail = None
