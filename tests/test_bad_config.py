@@ -71,6 +71,11 @@ def cases(tmp: Path) -> list[tuple[list[str], str]]:
             "trainer.on_nonfinite_loss=explode: expected one of stop, skip",
         ),
         (["strategy.step_timeout_s=0"], "strategy.step_timeout_s=0: expected a number > 0"),
+        (
+            ["logger=wandb", "logger.wandb.mode=cloud"],
+            "logger.wandb.mode=cloud: expected one of offline, online, disabled",
+        ),
+        (["logger=tensorboard"], "logger=tensorboard: unknown option; expected one of csv, wandb"),
     ]
 
 

@@ -211,3 +211,18 @@ def test_peak_flops_come_from_the_device():
     assert gpu_peak_flops("Some Future GPU", "bf16") is None
     measured = measure_cpu_peak_flops(n=256, seconds=0.1)
     assert 1e8 < measured < 1e14
+
+
+def test_secrets_are_redacted_and_configs_flattened():
+    from trainer.secrets import flatten, redact, redact_override
+
+    cfg = {
+        "data": {"hub_token": "abc", "path": "x"},
+        "wandb": {"api_key": "k", "project": "p"},
+        "PASSWORD": None,
+    }
+    assert redact(cfg) == {"data": {"hub_token": "***", "path": "x"}, "wandb": {"api_key": "***", "project": "p"},
+                           "PASSWORD": None}  # fmt: skip
+    assert redact_override("+data.hub_token=abc") == "+data.hub_token=***"
+    assert redact_override("optim.lr=0.1") == "optim.lr=0.1"
+    assert flatten({"a": {"b": 1, "c": [1, 2]}, "d": 2}) == {"a.b": 1, "a.c": [1, 2], "d": 2}

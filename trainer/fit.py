@@ -30,6 +30,7 @@ from trainer.config.schema import (
 from trainer.metrics.csv_logger import CSVMetricsLogger
 from trainer.metrics.progress import StepProgressBar
 from trainer.metrics.throughput import ThroughputMonitor
+from trainer.metrics.wandb_logger import SafeWandbLogger, build_wandb_logger
 
 log = logging.getLogger("trainer")
 
@@ -125,7 +126,13 @@ def build_trainer(
     if SLURMEnvironment.detect():
         # Our checkpointer handles SIGUSR1 cooperatively; Lightning's in-handler save+requeue must not also act.
         plugins.append(SLURMEnvironment(auto_requeue=False))
-    loggers = [CSVMetricsLogger(paths.metrics, logger.csv.flush_every_n_rows)] if logger.csv else []
+    loggers: list[Any] = (
+        [CSVMetricsLogger(paths.metrics, logger.csv.flush_every_n_rows)] if logger.csv else []
+    )
+    if logger.wandb is not None:
+        wandb_logger = build_wandb_logger(logger.wandb, paths.name, paths.dir)
+        if wandb_logger is not None:
+            loggers.append(wandb_logger)
     pl_trainer = pl.Trainer(
         accelerator=accelerator,
         devices=trainer.devices,
@@ -179,10 +186,18 @@ def fit(
         paths,
         manifest_extra,
     )
+    wandb_logger = next((lg for lg in trainer.loggers if isinstance(lg, SafeWandbLogger)), None)
     if trainer.is_global_zero:
         rundir.start(paths, resolved, overrides, plan, conf.seed, trainer.world_size)
         if plan.action == "resume":
             log.info("resuming %s from %s", paths.name, plan.checkpoint)
+        if wandb_logger is not None:
+            state = rundir.read_json(paths.state) or {}
+            info = {"overrides": overrides, "git": state.get("git"), "versions": state.get("versions"),
+                    "run_dir": str(paths.dir), "attempt": len(state.get("attempts", []))}  # fmt: skip
+            wandb_logger.log_run_info(resolved, info)
+            rundir.annotate(paths, wandb={"id": wandb_logger._id, "mode": wandb_logger._wandb_init.get("mode"),
+                                          "failed": wandb_logger.failed})  # fmt: skip
     try:
         trainer.fit(model, datamodule=data, ckpt_path=plan.checkpoint)
         stopped_early = checkpointer.preempted or checkpointer.stopped_nonfinite
@@ -213,6 +228,8 @@ def fit(
             EXIT_NONFINITE,
         )
     if trainer.is_global_zero:
+        if wandb_logger is not None and conf.logger.wandb and conf.logger.wandb.log_checkpoint:
+            wandb_logger.upload_checkpoint(paths.last_checkpoint)
         rundir.finish(paths, "finished", summary)
         print_summary(summary)
     return summary

@@ -22,6 +22,7 @@ from typing import Any
 import yaml
 
 from trainer.config.errors import ConfigError
+from trainer.secrets import redact, redact_override
 
 # Keys that say where or how a run is watched, not what is trained: they do not change its identity.
 IDENTITY_EXCLUDED = ("run", "resume", "logger", "trainer.enable_progress_bar")
@@ -47,8 +48,8 @@ def _drop(cfg: dict, dotted: str) -> None:
 
 
 def identity_view(cfg: dict) -> dict:
-    """The part of a resolved config (plain containers) that defines the run."""
-    view = json.loads(json.dumps(cfg, default=str))
+    """The part of a resolved config (plain containers) that defines the run (secret values redacted)."""
+    view = json.loads(json.dumps(redact(cfg), default=str))
     for key in IDENTITY_EXCLUDED:
         _drop(view, key)
     return view
@@ -239,6 +240,7 @@ def package_versions() -> dict:
 def start(paths: RunPaths, cfg: dict, overrides: list[str], plan_: Plan, seed: int, world_size: int) -> None:
     """Rank zero, before training: write the config, the overrides and the run's state file."""
     paths.checkpoints.mkdir(parents=True, exist_ok=True)
+    cfg, overrides = redact(cfg), [redact_override(o) for o in overrides]
     if paths.config.exists():
         old = paths.config.read_text()
         new = yaml.safe_dump(cfg, sort_keys=False)
@@ -254,13 +256,20 @@ def start(paths: RunPaths, cfg: dict, overrides: list[str], plan_: Plan, seed: i
             "started": time.time(),
             "action": plan_.action,
             "checkpoint": plan_.checkpoint,
-            "argv": sys.argv,
+            "argv": [redact_override(a) for a in sys.argv],
             "overrides": list(overrides),
             "host": platform.node(),
             "world_size": world_size,
             "slurm_job_id": os.environ.get("SLURM_JOB_ID"),
         }
     )
+    _atomic_write(paths.state, json.dumps(state, indent=2))
+
+
+def annotate(paths: RunPaths, **fields: Any) -> None:
+    """Rank zero: add fields to run.json (e.g. the W&B run id)."""
+    state = read_json(paths.state) or {"name": paths.name, "attempts": []}
+    state.update(fields)
     _atomic_write(paths.state, json.dumps(state, indent=2))
 
 

@@ -409,11 +409,40 @@ class CSVLoggerConfig:
 
 
 @dataclass
-class LoggerConfig:
-    """Experiment trackers; each option of the ``logger`` group fills its own key (``logger=[csv,...]``)."""
+class WandbLoggerConfig:
+    """Weights & Biases tracking: one W&B run per training run, continued across resumes and requeues."""
 
-    csv: CSVLoggerConfig | None = None
-    """CSV metrics file; on by default."""
+    project: str = "trainer"
+    """W&B project."""
+    entity: str | None = None
+    """W&B entity (user or team); ``null``: the account's default."""
+    group: str | None = None
+    """Group of runs (a sweep sets it to the sweep's name)."""
+    tags: list[str] = field(default_factory=list)
+    """Tags shown in the W&B UI."""
+    job_type: str = "train"
+    """W&B job type."""
+    notes: str | None = None
+    """Free text shown with the run."""
+    mode: str | None = None
+    """``offline`` (files under ``<run.dir>/wandb``, no key needed), ``online`` or ``disabled``; ``null``:
+    the ``WANDB_MODE`` environment variable if set, else ``offline``."""
+    log_checkpoint: bool = False
+    """Upload the final checkpoint as a W&B artifact."""
+
+    def __post_init__(self) -> None:
+        if self.mode is not None:
+            _one_of("mode", self.mode, ("offline", "online", "disabled"))
+
+
+@dataclass
+class LoggerConfig:
+    """Experiment trackers; each option of the ``logger`` group fills its own key (``logger=[csv,wandb]``)."""
+
+    csv: CSVLoggerConfig | None = field(default_factory=CSVLoggerConfig)
+    """CSV metrics file; always on unless set to ``null``."""
+    wandb: WandbLoggerConfig | None = None
+    """W&B tracking; ``logger=wandb`` (or ``logger=[csv,wandb]``) turns it on."""
 
 
 # ---------------------------------------------------------------------------------------------- checkpoint

@@ -65,11 +65,20 @@ def to_typed(cfg: DictConfig) -> TrainConfig:
     slices: dict[str, Any] = {}
     for field in dataclasses.fields(TrainConfig):
         node = cfg[field.name]
-        try:
-            slices[field.name] = OmegaConf.to_object(node) if isinstance(node, DictConfig) else node
-        except ConfigError as err:
-            raise err.with_prefix(field.name) from None
+        slices[field.name] = _build(node, field.name) if isinstance(node, DictConfig) else node
     return TrainConfig(**slices)
+
+
+def _build(node: DictConfig, key: str) -> Any:
+    """``OmegaConf.to_object`` of a node, checking nested typed nodes first so an error names its full key."""
+    for child_key in node:
+        child = node._get_node(child_key)
+        if isinstance(child, DictConfig) and dataclasses.is_dataclass(OmegaConf.get_type(child)):
+            _build(child, f"{key}.{child_key}")
+    try:
+        return OmegaConf.to_object(node)
+    except ConfigError as err:
+        raise err.with_prefix(key) from None
 
 
 def resolve_accelerator(requested: str) -> str:

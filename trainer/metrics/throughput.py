@@ -69,7 +69,7 @@ class ThroughputMonitor(pl.Callback):
         self._samples += _batch_size(batch)
         step = trainer.global_step
         for logger in trainer.loggers:
-            if isinstance(logger, CSVMetricsLogger):
+            if hasattr(logger, "current_step"):
                 logger.current_step = step
         if step != self._last_step:  # an optimizer step happened in this batch
             self._last_step = step

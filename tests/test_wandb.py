@@ -1,0 +1,129 @@
+"""W&B with the real client in offline mode, read back with wandb's own reader (`wandb leet inspect`)."""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+from conftest import column, read_metrics
+
+WANDB = str(Path(sys.executable).parent / "wandb")
+DIGITS = ["experiment=digits_mlp", "logger=wandb", "trainer.enable_progress_bar=false", "trainer.accelerator=cpu",
+          "trainer.log_every_n_steps=5", "trainer.val_check_interval=20"]  # fmt: skip
+SECRET = "k3y-that-must-not-leak-0123456789"
+
+
+@pytest.fixture
+def env(tmp_path: Path) -> dict:
+    e = dict(os.environ, TMPDIR=str(tmp_path), HOME=str(tmp_path), PYTHONUNBUFFERED="1", WANDB_API_KEY=SECRET)
+    for var in (
+        "RANK",
+        "LOCAL_RANK",
+        "WORLD_SIZE",
+        "SLURM_PROCID",
+        "SLURM_NTASKS",
+        "TRAINER_PLAN",
+        "WANDB_MODE",
+    ):
+        e.pop(var, None)
+    return e
+
+
+def train(tmp_path: Path, env: dict, *args: str) -> subprocess.CompletedProcess:
+    return subprocess.run([sys.executable, "-m", "trainer", "train", *args], cwd=tmp_path, env=env,
+                          capture_output=True, text=True, timeout=300)  # fmt: skip
+
+
+def offline_runs(run_dir: Path) -> list[Path]:
+    return sorted((run_dir / "wandb").glob("offline-run-*"))
+
+
+def inspect(offline_run: Path, env: dict) -> tuple[dict, list[dict]]:
+    """(summary record, history rows) of one offline run, as wandb's own reader sees them."""
+    summary = subprocess.run([WANDB, "leet", "inspect", "--summary", "--json", str(offline_run)], env=env,
+                             capture_output=True, text=True, check=True).stdout  # fmt: skip
+    records = subprocess.run([WANDB, "leet", "inspect", "--json", str(offline_run)], env=env,
+                             capture_output=True, text=True, check=True).stdout  # fmt: skip
+    history = [
+        json.loads(line)["history"]["item"] for line in records.splitlines() if '"type":"history"' in line
+    ]
+    return json.loads(summary), history
+
+
+@pytest.mark.slow
+def test_offline_run_has_config_metrics_and_no_secret(tmp_path, env):
+    result = train(tmp_path, env, *DIGITS, "trainer.max_steps=40", "run.name=wb")
+    assert result.returncode == 0, result.stdout + result.stderr
+    run_dir = tmp_path / "runs" / "wb"
+    (offline,) = offline_runs(run_dir)
+    summary, history = inspect(offline, env)
+    state = json.loads((run_dir / "run.json").read_text())
+    assert summary["run_id"] == state["wandb"]["id"] and summary["state"] == "finished"
+    assert summary["config"]["model.hidden"] == [128, 128] and summary["config"]["optim.lr"] == 0.003
+    assert summary["config"]["run_info/versions"]["torch"]
+    steps = [row["trainer/global_step"] for row in history if "train/loss" in row]
+    assert steps == [5, 10, 15, 20, 25, 30, 35, 40]
+    csv_losses = column(read_metrics(run_dir), "train/loss")
+    assert [row["train/loss"] for row in history if "train/loss" in row] == pytest.approx(csv_losses)
+    assert "val/loss" in summary["summary"] and "train/mfu" in summary["summary"]
+    leaked = [p for p in tmp_path.rglob("*") if p.is_file() and SECRET.encode() in p.read_bytes()]
+    assert not leaked and SECRET not in result.stdout + result.stderr
+
+
+@pytest.mark.slow
+def test_resume_continues_the_same_wandb_run(tmp_path, env):
+    args = [*DIGITS, "trainer.max_steps=400", "checkpoint.every_n_steps=50", "run.name=wbres"]
+    proc = subprocess.Popen([sys.executable, "-m", "trainer", "train", *args], cwd=tmp_path, env=env,
+                            stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)  # fmt: skip
+    metrics = tmp_path / "runs" / "wbres" / "metrics.csv"
+    deadline = time.monotonic() + 120
+    while not (metrics.exists() and len(metrics.read_text().splitlines()) > 8):
+        assert proc.poll() is None and time.monotonic() < deadline
+        time.sleep(0.05)
+    proc.send_signal(signal.SIGUSR1)
+    out, _ = proc.communicate(timeout=120)
+    assert proc.returncode == 75, out
+    result = train(tmp_path, env, *args)
+    assert result.returncode == 0, result.stdout + result.stderr
+    runs = offline_runs(tmp_path / "runs" / "wbres")
+    assert len(runs) == 2  # one file per attempt; `wandb sync` appends both to one W&B run
+    (s1, h1), (s2, h2) = inspect(runs[0], env), inspect(runs[1], env)
+    assert s1["run_id"] == s2["run_id"]
+    stopped = max(r["trainer/global_step"] for r in h1)
+    resumed = [r["trainer/global_step"] for r in h2 if "train/loss" in r]
+    assert stopped < resumed[0] <= stopped + 5  # steps continue from the checkpoint, they do not restart
+    assert resumed == sorted(resumed) and resumed[-1] == 400
+
+
+@pytest.mark.distributed
+def test_ddp_makes_exactly_one_wandb_run(tmp_path, env):
+    result = train(
+        tmp_path, env, *DIGITS, "strategy=ddp", "trainer.devices=2", "trainer.max_steps=20", "run.name=wbddp"
+    )
+    assert result.returncode == 0, result.stdout + result.stderr
+    assert len(offline_runs(tmp_path / "runs" / "wbddp")) == 1
+    assert not (tmp_path / "wandb").exists()  # nothing outside the run directory
+
+
+@pytest.mark.slow
+def test_wandb_failing_to_start_does_not_stop_training(tmp_path, env):
+    env = dict(env, WANDB_BASE_URL="http://127.0.0.1:9")  # nothing listens there: no network is touched
+    env.pop("WANDB_API_KEY")
+    result = train(
+        tmp_path, env, *DIGITS, "logger.wandb.mode=online", "trainer.max_steps=20", "run.name=wbfail"
+    )
+    assert result.returncode == 0, result.stdout + result.stderr
+    output = result.stdout + result.stderr
+    assert "W&B logging is off for the rest of this run" in output
+    assert [int(r["step"]) for r in read_metrics(tmp_path / "runs" / "wbfail") if r["train/loss"]] == [
+        5,
+        10,
+        15,
+        20,
+    ]

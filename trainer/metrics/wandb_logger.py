@@ -1,0 +1,146 @@
+"""W&B tracking that survives DDP, requeue and a missing network.
+
+- One W&B run per training run: only rank zero creates it (Lightning's WandbLogger gives the other ranks a
+  dummy), under DDP and multi-node alike.
+- Its id is derived from the run directory, so a resume or a SLURM requeue continues the same W&B run
+  (``resume="allow"``) and its steps continue from the checkpoint's step.
+- Offline by default: files under ``<run.dir>/wandb``, uploaded later with ``wandb sync``.
+- If W&B cannot start or fails mid-run, training goes on: one warning, then this logger does nothing. The CSV
+  file has every metric regardless.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import logging
+import os
+import re
+from pathlib import Path
+from typing import Any
+
+from pytorch_lightning.loggers import WandbLogger
+from pytorch_lightning.utilities import rank_zero_only
+
+from trainer.config.schema import WandbLoggerConfig
+from trainer.secrets import flatten, redact
+
+log = logging.getLogger("trainer")
+
+
+def wandb_run_id(run_name: str, run_dir: Path) -> str:
+    """Stable for a run directory: the run's name (W&B's allowed characters) plus a hash of its path."""
+    digest = hashlib.sha256(str(Path(run_dir).resolve()).encode()).hexdigest()[:8]
+    return f"{re.sub(r'[^A-Za-z0-9_-]', '-', run_name)[:48]}-{digest}"
+
+
+def resolve_mode(cfg: WandbLoggerConfig) -> str:
+    return cfg.mode or os.environ.get("WANDB_MODE") or "offline"
+
+
+class SafeWandbLogger(WandbLogger):
+    """Lightning's WandbLogger, except that no W&B failure can stop training."""
+
+    def __init__(self, *args: Any, **kwargs: Any) -> None:
+        super().__init__(*args, **kwargs)
+        self.failed: str | None = None
+        self.current_step: int | None = None  # the optimizer step, set by the throughput monitor
+
+    def _disable(self, err: BaseException) -> None:
+        if self.failed is None:
+            self.failed = f"{type(err).__name__}: {str(err).splitlines()[0] if str(err) else ''}"
+            log.warning(
+                "W&B logging is off for the rest of this run (%s); metrics.csv has everything", self.failed
+            )
+
+    @property
+    def experiment(self) -> Any:
+        if self.failed is not None:
+            return None
+        try:
+            return super().experiment
+        except Exception as err:  # wandb.init: no network, bad key, unwritable dir...
+            self._disable(err)
+            return None
+
+    @rank_zero_only
+    def log_hyperparams(self, params: Any) -> None:
+        self._safely(super().log_hyperparams, params)
+
+    @rank_zero_only
+    def log_metrics(self, metrics: Any, step: int | None = None) -> None:
+        # Key every value by optimizer step, as metrics.csv does (Lightning's own counter is one behind for
+        # validation); W&B plots against trainer/global_step, which continues across resumes.
+        metrics = dict(metrics)
+        if "step" in metrics:
+            step = int(metrics.pop("step"))
+        elif self.current_step is not None:
+            step = self.current_step
+        self._safely(super().log_metrics, metrics, step)
+
+    @rank_zero_only
+    def finalize(self, status: str) -> None:
+        self._safely(super().finalize, status)
+
+    def after_save_checkpoint(self, checkpoint_callback: Any) -> None:
+        pass  # checkpoints are uploaded (if asked) once, at the end: see upload_checkpoint
+
+    def _safely(self, fn: Any, *args: Any) -> None:
+        if self.failed is not None or self.experiment is None:
+            return
+        try:
+            fn(*args)
+        except Exception as err:
+            self._disable(err)
+
+    @rank_zero_only
+    def log_run_info(self, config: dict, info: dict) -> None:
+        """The resolved config, flattened and with secrets redacted, plus the run's metadata."""
+        if self.experiment is None:
+            return
+        try:
+            self.experiment.config.update(flatten(redact(config)), allow_val_change=True)
+            self.experiment.config.update(
+                {f"run_info/{k}": v for k, v in redact(info).items()}, allow_val_change=True
+            )
+        except Exception as err:
+            self._disable(err)
+
+    @rank_zero_only
+    def upload_checkpoint(self, path: Path) -> None:
+        if self.experiment is None:
+            return
+        try:
+            import wandb
+
+            artifact = wandb.Artifact(name=f"model-{self.experiment.id}", type="model")
+            artifact.add_file(str(path), name=path.name)
+            self.experiment.log_artifact(artifact, aliases=["latest"])
+        except Exception as err:
+            self._disable(err)
+
+
+def build_wandb_logger(cfg: WandbLoggerConfig, run_name: str, run_dir: Path) -> SafeWandbLogger | None:
+    try:
+        import wandb
+    except ImportError:
+        log.warning(
+            "logger.wandb is set but the wandb package is not installed (pip install wandb); CSV only"
+        )
+        return None
+    return SafeWandbLogger(
+        # No system metadata: it would record the command line, which may hold a secret (ours is logged
+        # redacted through log_run_info instead).
+        settings=wandb.Settings(x_disable_meta=True),
+        name=run_name,
+        id=wandb_run_id(run_name, run_dir),
+        project=cfg.project,
+        entity=cfg.entity,
+        group=cfg.group,
+        tags=list(cfg.tags),
+        job_type=cfg.job_type,
+        notes=cfg.notes,
+        mode=resolve_mode(cfg),
+        save_dir=str(run_dir),
+        resume="allow",
+        log_model=False,
+    )
