@@ -58,7 +58,9 @@ def inspect(offline_run: Path, env: dict) -> tuple[dict, list[dict]]:
 
 @pytest.mark.slow
 def test_offline_run_has_config_metrics_and_no_secret(tmp_path, env):
-    result = train(tmp_path, env, *DIGITS, "trainer.max_steps=40", "run.name=wb")
+    result = train(
+        tmp_path, env, *DIGITS, "trainer.max_steps=40", "run.name=wb", "logger.wandb.log_checkpoint=true"
+    )
     assert result.returncode == 0, result.stdout + result.stderr
     run_dir = tmp_path / "runs" / "wb"
     (offline,) = offline_runs(run_dir)
@@ -71,7 +73,12 @@ def test_offline_run_has_config_metrics_and_no_secret(tmp_path, env):
     assert steps == [5, 10, 15, 20, 25, 30, 35, 40]
     csv_losses = column(read_metrics(run_dir), "train/loss")
     assert [row["train/loss"] for row in history if "train/loss" in row] == pytest.approx(csv_losses)
-    assert "val/loss" in summary["summary"] and "train/mfu" in summary["summary"]
+    assert {"val/loss", "train/mfu", "train/mem_gb", "train/data_wait_frac"} <= set(summary["summary"])
+    manifest = json.loads((run_dir / "checkpoints" / "last.ckpt.json").read_text())
+    assert manifest["wandb_run_id"] == summary["run_id"]
+    records = subprocess.run([WANDB, "leet", "inspect", "--json", str(offline)], env=env, capture_output=True,
+                             text=True, check=True).stdout  # fmt: skip
+    assert '"type":"artifact"' in records and "last.ckpt" in records
     leaked = [p for p in tmp_path.rglob("*") if p.is_file() and SECRET.encode() in p.read_bytes()]
     assert not leaked and SECRET not in result.stdout + result.stderr
 

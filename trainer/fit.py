@@ -176,6 +176,10 @@ def fit(
         "config_hash": rundir.config_hash(resolved),
         "identity": rundir.resume_identity(resolved),
     }
+    if conf.logger.wandb is not None:  # which W&B run this state belongs to
+        from trainer.metrics.wandb_logger import wandb_run_id
+
+        manifest_extra["wandb_run_id"] = wandb_run_id(paths.name, paths.dir)
     trainer, monitor, checkpointer = build_trainer(
         conf.trainer,
         conf.strategy,

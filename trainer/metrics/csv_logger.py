@@ -27,6 +27,7 @@ COLUMNS = (
     "train/mfu",
     "train/step_time_s",
     "train/data_wait_frac",
+    "train/mem_gb",
 )
 
 

@@ -2,7 +2,8 @@
 
 - step time: wall time between two optimizer steps (all micro-batches of an accumulation included);
 - data wait: time between the end of one batch and the start of the next, i.e. waiting for the loader;
-- samples/s and tokens/s over all ranks; MFU = model FLOP/s / (peak FLOP/s of one device x ranks).
+- samples/s and tokens/s over all ranks; MFU = model FLOP/s / (peak FLOP/s of one device x ranks);
+- peak memory of rank zero (GPU: allocated by torch; CPU: the process's peak resident size).
 
 The logged loss is the mean over the step's micro-batches and over ranks (one all-reduce, only on log steps),
 so a DDP run logs the same number a single process with the same global batch would.
@@ -112,12 +113,24 @@ class ThroughputMonitor(pl.Callback):
             flops = _call(pl_module, "flops_per_sample")
             if flops and self.peak_flops:
                 row["train/mfu"] = samples * flops / elapsed / (self.peak_flops * world)
+        row["train/mem_gb"] = _peak_memory_gb(pl_module.device)
         if trainer.is_global_zero:
             self.history.append(row)
             for logger in trainer.loggers:
                 logger.log_metrics(row, step=step)
         self._reset_window()
         self._window_start = now
+
+
+def _peak_memory_gb(device: torch.device) -> float:
+    """Peak memory of this rank: allocated by torch on a GPU; the process's peak resident size on a CPU."""
+    if device.type == "cuda":
+        return torch.cuda.max_memory_allocated(device) / 1e9
+    import resource
+    import sys
+
+    peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss  # KiB on Linux, bytes on macOS
+    return peak / 1e9 if sys.platform == "darwin" else peak * 1024 / 1e9
 
 
 def _batch_size(batch: Any) -> int:
