@@ -86,3 +86,37 @@ def text_corpus(tmp_path: Path) -> Path:
     path = tmp_path / "corpus.txt"
     path.write_text("\n".join(lines) + "\n")
     return path
+
+
+def start_train(cwd: Path, args: list[str], env: dict) -> subprocess.Popen:
+    """``trainer train`` in the background, for tests that signal or kill it mid-run."""
+    return subprocess.Popen([sys.executable, "-m", "trainer", "train", *args], cwd=cwd, env=env,
+                            stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)  # fmt: skip
+
+
+def wait_for_step(run_dir: Path, step: int, proc: subprocess.Popen, timeout: float = 120) -> int:
+    """Block until the run's metrics.csv shows ``step`` or later; return the newest step seen."""
+    import time
+
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        assert proc.poll() is None, proc.stdout.read() if proc.stdout else proc.returncode
+        try:
+            steps = [int(r["step"]) for r in read_metrics(run_dir)]
+        except (OSError, KeyError, ValueError):
+            steps = []
+        if steps and steps[-1] >= step:
+            return steps[-1]
+        time.sleep(0.02)
+    raise AssertionError(f"step {step} not reached in {timeout}s")
+
+
+def worker_pid(launcher: subprocess.Popen, rank: int) -> int:
+    """The pid of one rank's worker process under the local launcher (found by its RANK variable)."""
+    children = subprocess.run(
+        ["pgrep", "-P", str(launcher.pid)], capture_output=True, text=True
+    ).stdout.split()
+    for pid in children:
+        if f"\0RANK={rank}\0".encode() in b"\0" + Path(f"/proc/{pid}/environ").read_bytes():
+            return int(pid)
+    raise AssertionError(f"no worker with RANK={rank} among {children}")

@@ -12,7 +12,7 @@ from pathlib import Path
 
 import pytest
 import torch
-from conftest import REPO, read_metrics
+from conftest import REPO, read_metrics, start_train, wait_for_step, worker_pid
 
 HELPERS = REPO / "tests" / "helpers"
 FAULTY = ["--config-dir", str(HELPERS / "conf"), "model=faulty", "data=digits", "trainer.accelerator=cpu",
@@ -40,18 +40,11 @@ def params_finite(run_dir: Path) -> bool:
 
 @pytest.mark.distributed
 def test_killed_rank_stops_the_whole_job_quickly_and_is_named(tmp_path, env):
-    proc = subprocess.Popen([sys.executable, "-m", "trainer", "train", *FAULTY, "strategy=ddp", "trainer.devices=2",
-                             "trainer.max_steps=100000", "run.name=victim"], cwd=tmp_path, env=env,
-                            stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)  # fmt: skip
-    metrics = tmp_path / "runs" / "victim" / "metrics.csv"
-    deadline = time.monotonic() + 120
-    while not (metrics.exists() and len(metrics.read_text().splitlines()) > 5):
-        assert proc.poll() is None and time.monotonic() < deadline
-        time.sleep(0.05)
-    children = subprocess.run(["pgrep", "-P", str(proc.pid)], capture_output=True, text=True).stdout.split()
-    assert len(children) == 2
-    workers = {int(p): Path(f"/proc/{p}/environ").read_bytes() for p in children}
-    rank1 = next(pid for pid, environ in workers.items() if b"\0RANK=1\0" in b"\0" + environ)
+    proc = start_train(tmp_path, [*FAULTY, "strategy=ddp", "trainer.devices=2", "trainer.max_steps=100000",
+                                  "run.name=victim"], env)  # fmt: skip
+    wait_for_step(tmp_path / "runs" / "victim", 5, proc)
+    workers = [worker_pid(proc, 0), worker_pid(proc, 1)]
+    rank1 = workers[1]
     killed_at = time.monotonic()
     os.kill(rank1, signal.SIGKILL)
     out, _ = proc.communicate(timeout=60)
@@ -139,17 +132,10 @@ def test_retention_keeps_newest_and_best(tmp_path, env):
 
 @pytest.mark.distributed
 def test_signal_to_one_rank_stops_all_ranks_together(tmp_path, env):
-    proc = subprocess.Popen([sys.executable, "-m", "trainer", "train", *FAULTY, "strategy=ddp", "trainer.devices=2",
-                             "trainer.max_steps=100000", "run.name=one"], cwd=tmp_path, env=env,
-                            stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)  # fmt: skip
-    metrics = tmp_path / "runs" / "one" / "metrics.csv"
-    deadline = time.monotonic() + 120
-    while not (metrics.exists() and len(metrics.read_text().splitlines()) > 5):
-        assert proc.poll() is None and time.monotonic() < deadline
-        time.sleep(0.05)
-    children = subprocess.run(["pgrep", "-P", str(proc.pid)], capture_output=True, text=True).stdout.split()
-    rank1 = next(int(p) for p in children if b"\0RANK=1\0" in b"\0" + Path(f"/proc/{p}/environ").read_bytes())
-    os.kill(rank1, signal.SIGUSR1)
+    proc = start_train(tmp_path, [*FAULTY, "strategy=ddp", "trainer.devices=2", "trainer.max_steps=100000",
+                                  "run.name=one"], env)  # fmt: skip
+    wait_for_step(tmp_path / "runs" / "one", 5, proc)
+    os.kill(worker_pid(proc, 1), signal.SIGUSR1)
     out, _ = proc.communicate(timeout=60)
     assert proc.returncode == 75, out
     assert out.count("preempted by a signal") == 1  # said once, by rank zero

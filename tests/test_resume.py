@@ -5,14 +5,11 @@ from __future__ import annotations
 
 import os
 import signal
-import subprocess
-import sys
-import time
 from pathlib import Path
 
 import pytest
 import torch
-from conftest import column, read_metrics
+from conftest import column, read_metrics, start_train, wait_for_step
 
 DIGITS = ["experiment=digits_mlp", "trainer.max_steps=120", "trainer.log_every_n_steps=1",
           "trainer.val_check_interval=25", "checkpoint.every_n_steps=7", "trainer.enable_progress_bar=false",
@@ -21,26 +18,6 @@ GPT = ["model.n_layer=2", "model.n_head=2", "model.n_embd=64", "model.block_size
        "data.batch_size=8", "trainer.max_steps=60", "trainer.log_every_n_steps=1", "trainer.val_check_interval=20",
        "trainer.limit_val_batches=2", "checkpoint.every_n_steps=5", "trainer.enable_progress_bar=false",
        "trainer.accelerator=cpu"]  # fmt: skip
-
-
-def start(cwd: Path, args: list[str], env: dict) -> subprocess.Popen:
-    return subprocess.Popen([sys.executable, "-m", "trainer", "train", *args], cwd=cwd, env=env,
-                            stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)  # fmt: skip
-
-
-def wait_for_step(run_dir: Path, step: int, proc: subprocess.Popen, timeout: float = 120) -> int:
-    """Block until metrics.csv shows ``step`` or later; return the newest step seen."""
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        assert proc.poll() is None, proc.stdout.read()
-        try:
-            steps = [int(r["step"]) for r in read_metrics(run_dir)]
-        except (OSError, KeyError, ValueError):
-            steps = []
-        if steps and steps[-1] >= step:
-            return steps[-1]
-        time.sleep(0.02)
-    raise AssertionError(f"step {step} not reached in {timeout}s")
 
 
 def final_state(run_dir: Path) -> dict:
@@ -77,7 +54,7 @@ def interrupted_run(
     """Run, stopping at each (step, how) with how in {"usr1", "term", "kill"}; then run to the end."""
     run_dir = tmp_path / "runs" / name
     for step, how in stops:
-        proc = start(tmp_path, [*args, f"run.name={name}"], env)
+        proc = start_train(tmp_path, [*args, f"run.name={name}"], env)
         seen = wait_for_step(run_dir, step, proc)
         sig = {"usr1": signal.SIGUSR1, "term": signal.SIGTERM, "kill": signal.SIGKILL}[how]
         os.kill(proc.pid, sig)
@@ -88,7 +65,7 @@ def interrupted_run(
             assert "preempted by a signal: checkpoint saved at step" in out
             saved = max(int(r["step"]) for r in read_metrics(run_dir))
             assert saved >= seen
-    proc = start(tmp_path, [*args, f"run.name={name}"], env)
+    proc = start_train(tmp_path, [*args, f"run.name={name}"], env)
     out, _ = proc.communicate(timeout=300)
     assert proc.returncode == 0, out
     assert "resuming" in out
@@ -96,7 +73,7 @@ def interrupted_run(
 
 
 def reference_run(tmp_path: Path, env: dict, args: list[str]) -> Path:
-    proc = start(tmp_path, [*args, "run.name=reference"], env)
+    proc = start_train(tmp_path, [*args, "run.name=reference"], env)
     out, _ = proc.communicate(timeout=300)
     assert proc.returncode == 0, out
     return tmp_path / "runs" / "reference"
@@ -151,7 +128,7 @@ def test_train_longer_from_a_checkpoint_at_the_end_of_an_epoch(tmp_path, env):
     # epoch too many after restarting from there; the data order must not follow it.
     args = [*DIGITS, "trainer.accumulate_grad_batches=3", "checkpoint.every_n_steps=4"]
     for max_steps in (8, 30):
-        proc = start(tmp_path, [*args, f"trainer.max_steps={max_steps}", "run.name=longer"], env)
+        proc = start_train(tmp_path, [*args, f"trainer.max_steps={max_steps}", "run.name=longer"], env)
         out, _ = proc.communicate(timeout=300)
         assert proc.returncode == 0, out
     ref = reference_run(tmp_path, env, [*args, "trainer.max_steps=30"])

@@ -7,11 +7,10 @@ import os
 import signal
 import subprocess
 import sys
-import time
 from pathlib import Path
 
 import pytest
-from conftest import column, read_metrics
+from conftest import column, read_metrics, start_train, wait_for_step
 
 WANDB = str(Path(sys.executable).parent / "wandb")
 DIGITS = ["experiment=digits_mlp", "logger=wandb", "trainer.enable_progress_bar=false", "trainer.accelerator=cpu",
@@ -86,13 +85,8 @@ def test_offline_run_has_config_metrics_and_no_secret(tmp_path, env):
 @pytest.mark.slow
 def test_resume_continues_the_same_wandb_run(tmp_path, env):
     args = [*DIGITS, "trainer.max_steps=400", "checkpoint.every_n_steps=50", "run.name=wbres"]
-    proc = subprocess.Popen([sys.executable, "-m", "trainer", "train", *args], cwd=tmp_path, env=env,
-                            stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)  # fmt: skip
-    metrics = tmp_path / "runs" / "wbres" / "metrics.csv"
-    deadline = time.monotonic() + 120
-    while not (metrics.exists() and len(metrics.read_text().splitlines()) > 8):
-        assert proc.poll() is None and time.monotonic() < deadline
-        time.sleep(0.05)
+    proc = start_train(tmp_path, args, env)
+    wait_for_step(tmp_path / "runs" / "wbres", 40, proc)
     proc.send_signal(signal.SIGUSR1)
     out, _ = proc.communicate(timeout=120)
     assert proc.returncode == 75, out

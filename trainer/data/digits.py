@@ -5,12 +5,12 @@ from __future__ import annotations
 import numpy as np
 import pytorch_lightning as pl
 import torch
-from torch.utils.data import DataLoader, TensorDataset
+from torch.utils.data import TensorDataset
 
-from trainer.data.loading import make_loader
+from trainer.data.loading import SeededLoaders
 
 
-class DigitsDataModule(pl.LightningDataModule):
+class DigitsDataModule(SeededLoaders, pl.LightningDataModule):
     def __init__(
         self,
         val_fraction: float = 0.2,
@@ -38,11 +38,3 @@ class DigitsDataModule(pl.LightningDataModule):
         val, train = torch.from_numpy(order[:n_val]), torch.from_numpy(order[n_val:])
         self.train_set = TensorDataset(x[train], y[train])
         self.val_set = TensorDataset(x[val], y[val])
-
-    def train_dataloader(self) -> DataLoader:
-        return make_loader(self.train_set, trainer=self.trainer, batch_size=self.batch_size,
-                           num_workers=self.num_workers, seed=self.seed, shuffle=self.shuffle, train=True)  # fmt: skip
-
-    def val_dataloader(self) -> DataLoader:
-        return make_loader(self.val_set, trainer=self.trainer, batch_size=self.batch_size,
-                           num_workers=self.num_workers, seed=self.seed, shuffle=False, train=False)  # fmt: skip

@@ -89,6 +89,19 @@ class ResumableDataLoader(DataLoader):
         self.sampler.skip = skip
 
 
+class SeededLoaders:
+    """``train_dataloader``/``val_dataloader`` for a LightningDataModule that has ``train_set``, ``val_set``,
+    ``batch_size``, ``num_workers``, ``seed`` and ``shuffle``: what every built-in data module shares."""
+
+    def train_dataloader(self) -> DataLoader:
+        return make_loader(self.train_set, trainer=self.trainer, batch_size=self.batch_size,
+                           num_workers=self.num_workers, seed=self.seed, shuffle=self.shuffle, train=True)  # fmt: skip
+
+    def val_dataloader(self) -> DataLoader:
+        return make_loader(self.val_set, trainer=self.trainer, batch_size=self.batch_size,
+                           num_workers=self.num_workers, seed=self.seed, shuffle=False, train=False)  # fmt: skip
+
+
 def rank_and_world(trainer: Any) -> tuple[int, int]:
     if trainer is None:
         return 0, 1

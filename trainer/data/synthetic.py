@@ -4,9 +4,9 @@ from __future__ import annotations
 
 import pytorch_lightning as pl
 import torch
-from torch.utils.data import DataLoader, Dataset
+from torch.utils.data import Dataset
 
-from trainer.data.loading import make_loader
+from trainer.data.loading import SeededLoaders
 
 
 class RandomTokens(Dataset):
@@ -22,7 +22,7 @@ class RandomTokens(Dataset):
         return chunk[:-1], chunk[1:]
 
 
-class SyntheticDataModule(pl.LightningDataModule):
+class SyntheticDataModule(SeededLoaders, pl.LightningDataModule):
     def __init__(
         self,
         num_samples: int = 65536,
@@ -38,11 +38,3 @@ class SyntheticDataModule(pl.LightningDataModule):
         self.train_set = RandomTokens(num_samples, seq_len, vocab_size, seed)
         # A different seed stream for validation, so it never repeats training samples.
         self.val_set = RandomTokens(max(1, num_samples // 16), seq_len, vocab_size, seed + 1)
-
-    def train_dataloader(self) -> DataLoader:
-        return make_loader(self.train_set, trainer=self.trainer, batch_size=self.batch_size,
-                           num_workers=self.num_workers, seed=self.seed, shuffle=self.shuffle, train=True)  # fmt: skip
-
-    def val_dataloader(self) -> DataLoader:
-        return make_loader(self.val_set, trainer=self.trainer, batch_size=self.batch_size,
-                           num_workers=self.num_workers, seed=self.seed, shuffle=False, train=False)  # fmt: skip

@@ -5,10 +5,10 @@ from __future__ import annotations
 import numpy as np
 import pytorch_lightning as pl
 import torch
-from torch.utils.data import DataLoader, Dataset
+from torch.utils.data import Dataset
 
 from trainer.config.schema import resolve_text_files
-from trainer.data.loading import make_loader
+from trainer.data.loading import SeededLoaders
 
 
 class TokenWindows(Dataset):
@@ -42,7 +42,7 @@ def read_corpus(path: str | None, pattern: str, max_bytes: int | None) -> np.nda
     return np.frombuffer(blob, dtype=np.uint8)
 
 
-class TextDataModule(pl.LightningDataModule):
+class TextDataModule(SeededLoaders, pl.LightningDataModule):
     def __init__(
         self,
         path: str | None = None,
@@ -69,11 +69,3 @@ class TextDataModule(pl.LightningDataModule):
         split = int(len(tokens) * (1.0 - self.val_fraction))
         self.train_set = TokenWindows(tokens[:split], self.seq_len)
         self.val_set = TokenWindows(tokens[split:], self.seq_len)
-
-    def train_dataloader(self) -> DataLoader:
-        return make_loader(self.train_set, trainer=self.trainer, batch_size=self.batch_size,
-                           num_workers=self.num_workers, seed=self.seed, shuffle=self.shuffle, train=True)  # fmt: skip
-
-    def val_dataloader(self) -> DataLoader:
-        return make_loader(self.val_set, trainer=self.trainer, batch_size=self.batch_size,
-                           num_workers=self.num_workers, seed=self.seed, shuffle=False, train=False)  # fmt: skip
