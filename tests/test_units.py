@@ -209,6 +209,8 @@ def test_peak_flops_come_from_the_device():
     assert gpu_peak_flops("NVIDIA H100 PCIe", "bf16") == pytest.approx(756.5e12)
     assert gpu_peak_flops("NVIDIA A100-SXM4-40GB", "fp32") == pytest.approx(19.5e12)
     assert gpu_peak_flops("Some Future GPU", "bf16") is None
+    assert gpu_peak_flops("NVIDIA L40S", "bf16") == pytest.approx(362.05e12)  # not the L4's figure
+    assert gpu_peak_flops("NVIDIA L4", "bf16") == pytest.approx(121e12)
     measured = measure_cpu_peak_flops(n=256, seconds=0.1)
     assert 1e8 < measured < 1e14
 
@@ -225,4 +227,20 @@ def test_secrets_are_redacted_and_configs_flattened():
                            "PASSWORD": None}  # fmt: skip
     assert redact_override("+data.hub_token=abc") == "+data.hub_token=***"
     assert redact_override("optim.lr=0.1") == "optim.lr=0.1"
+    assert redact({"max_tokens": 5, "tokenizer": "bpe"}) == {"max_tokens": 5, "tokenizer": "bpe"}
     assert flatten({"a": {"b": 1, "c": [1, 2]}, "d": 2}) == {"a.b": 1, "a.c": [1, 2], "d": 2}
+
+
+def test_retention_removes_unfinished_writes_and_keeps_the_newest_valid(tmp_path):
+    from trainer.checkpoint.callback import Checkpointer
+    from trainer.checkpoint.manifest import manifest_path
+
+    d = tmp_path / "checkpoints"
+    for step in (10, 20, 30):
+        fake_checkpoint(d, step)
+    unfinished = fake_checkpoint(d, 40)
+    manifest_path(unfinished).unlink()
+    keeper = Checkpointer(d, every_n_steps=10, every_n_minutes=None, keep_last_k=2, keep_best_k=0,
+                          monitor="val/loss", mode="min", signals=[], on_nonfinite="stop", step_timeout_s=None)  # fmt: skip
+    keeper._retain()
+    assert sorted(p.name for p in d.glob("step-*.ckpt")) == ["step-00000020.ckpt", "step-00000030.ckpt"]

@@ -16,7 +16,13 @@ import pytorch_lightning as pl
 from hydra.utils import instantiate
 
 from trainer import rundir
-from trainer.checkpoint.callback import EXIT_NONFINITE, EXIT_PREEMPTED, Checkpointer
+from trainer.checkpoint.callback import (
+    EXIT_NONFINITE,
+    EXIT_PREEMPTED,
+    Checkpointer,
+    StopRun,
+    install_early_handlers,
+)
 from trainer.checkpoint.io import AtomicCheckpointIO
 from trainer.config.schema import (
     CheckpointConfig,
@@ -169,6 +175,7 @@ def fit(
     accelerator: str,
 ) -> dict:
     started = time.perf_counter()
+    install_early_handlers(list(conf.checkpoint.save_on_signals))
     pl.seed_everything(conf.seed, workers=True, verbose=False)
     data = build_data(conf.data)
     model = build_model(conf.model, conf.optim)
@@ -202,8 +209,17 @@ def fit(
             wandb_logger.log_run_info(resolved, info)
             rundir.annotate(paths, wandb={"id": wandb_logger._id, "mode": wandb_logger._wandb_init.get("mode"),
                                           "failed": wandb_logger.failed})  # fmt: skip
+    from pytorch_lightning.utilities.exceptions import SIGTERMException
+
     try:
-        trainer.fit(model, datamodule=data, ckpt_path=plan.checkpoint)
+        try:
+            trainer.fit(model, datamodule=data, ckpt_path=plan.checkpoint)
+        except StopRun:
+            pass  # the checkpointer saved and asked to stop; preempted / stopped_nonfinite say why
+        except SIGTERMException:
+            # SIGTERM before training started (Lightning's own handler was still the active one): there is
+            # nothing new to save, and the run can simply be started again.
+            checkpointer.preempted = True
         stopped_early = checkpointer.preempted or checkpointer.stopped_nonfinite
         if not stopped_early and checkpointer._last_saved_step != trainer.global_step:
             checkpointer.save(trainer, "final")

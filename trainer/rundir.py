@@ -25,7 +25,10 @@ from trainer.config.errors import ConfigError
 from trainer.secrets import redact, redact_override
 
 # Keys that say where or how a run is watched, not what is trained: they do not change its identity.
-IDENTITY_EXCLUDED = ("run", "resume", "logger", "trainer.enable_progress_bar")
+IDENTITY_EXCLUDED = (
+    "run", "resume", "logger", "checkpoint", "trainer.enable_progress_bar", "trainer.log_every_n_steps",
+    "data.num_workers", "strategy.timeout_s", "strategy.step_timeout_s",
+)  # fmt: skip
 # Keys that must match for a checkpoint in the run directory to be continued (others may change, e.g. a
 # longer max_steps continues a finished run).
 RESUME_MUST_MATCH = ("model", "data", "seed")

@@ -1,7 +1,7 @@
 """Secrets never leave the process: names that look like credentials have their values redacted.
 
 Used on everything the project writes or sends (run.json, config.yaml, overrides.yaml, the config logged to W&B).
-A name counts as secret when it contains KEY, TOKEN, SECRET or PASSWORD (any case), e.g. WANDB_API_KEY.
+A name counts as secret when its last word is KEY, TOKEN, SECRET or PASSWORD (any case), e.g. WANDB_API_KEY.
 Environment variables are never written at all; this guards values that arrive through the config or argv.
 """
 
@@ -10,7 +10,9 @@ from __future__ import annotations
 import re
 from typing import Any
 
-_SECRET_NAME = re.compile(r"key|token|secret|password|passwd", re.IGNORECASE)
+# The last part of a name (split at "_", "-", "."): api_key, hf_token, WANDB_API_KEY, password; not
+# max_tokens or tokenizer, which are ordinary settings.
+_SECRET_NAME = re.compile(r"(^|[_-])(key|token|secret|password|passwd|apikey)$", re.IGNORECASE)
 REDACTED = "***"
 
 

@@ -46,6 +46,26 @@ EXIT_PREEMPTED = 75
 LAST = "last.ckpt"
 
 
+class StopRun(Exception):
+    """Raised at a step boundary, after the checkpoint is written, to end training at once: stopping through
+    ``trainer.should_stop`` would first run a validation, which a preempted job has no time for."""
+
+
+_EARLY_SIGNAL: dict[str, int] = {}
+
+
+def install_early_handlers(signals: list[str]) -> None:
+    """Catch the preemption signals from the very start of a training process (data loading, start-up), not
+    only once training runs: one arriving then is acted on at the first step boundary."""
+
+    def remember(signum: int, frame: Any) -> None:
+        _EARLY_SIGNAL["signum"] = signum
+
+    for name in signals:
+        signal.signal(getattr(signal, name), remember)
+        signal.siginterrupt(getattr(signal, name), False)
+
+
 def capture_rng() -> dict[str, Any]:
     """This process's random streams, in types ``torch.load(weights_only=True)`` accepts."""
     py = random.getstate()
@@ -102,6 +122,7 @@ class Checkpointer(pl.Callback):
         self._last_save_time = time.monotonic()
         self._nonfinite_pending: str | None = None
         self._timeout_tightened = False
+        self._at_step_boundary = True
 
     # ------------------------------------------------------------------ state in the checkpoint
 
@@ -136,6 +157,8 @@ class Checkpointer(pl.Callback):
             self._rng_to_restore = None
         self._last_step = trainer.global_step
         self._last_save_time = time.monotonic()
+        if "signum" in _EARLY_SIGNAL:
+            self.received_signal = _EARLY_SIGNAL.pop("signum")
         # Installed after Lightning's own handlers, so these are the ones that act (Lightning's SLURM
         # auto-requeue is turned off in fit.py: the two must never both act).
         for name in self.signals:
@@ -193,7 +216,8 @@ class Checkpointer(pl.Callback):
         self, trainer: pl.Trainer, pl_module: pl.LightningModule, outputs: Any, batch: Any, batch_idx: int
     ) -> None:
         step = trainer.global_step
-        if step == self._last_step:
+        self._at_step_boundary = step != self._last_step
+        if not self._at_step_boundary:
             return  # inside a gradient accumulation: not a step boundary
         self._last_step = step
         self._tighten_timeout(trainer)
@@ -209,18 +233,20 @@ class Checkpointer(pl.Callback):
         if preempt:
             self.preempted = True
             self.save(trainer, "preempted")
-            trainer.should_stop = True
-        elif nonfinite:
+            raise StopRun("preempted")
+        if nonfinite:
             self.stopped_nonfinite = self._nonfinite_pending or "non-finite loss on another rank"
             self.save(trainer, "nonfinite")
-            trainer.should_stop = True
-        elif (self.every_n_steps and step % self.every_n_steps == 0) or time_due:
+            raise StopRun("nonfinite")
+        if (self.every_n_steps and step % self.every_n_steps == 0) or time_due:
             self.save(trainer, "periodic")
         self._nonfinite_pending = None
 
     def on_validation_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
         if trainer.sanity_checking or not self.keep_best_k or trainer.global_step == 0:
             return
+        if not self._at_step_boundary:
+            return  # validation in the middle of a gradient accumulation: a save here could not resume exactly
         step = trainer.global_step
         if self._last_saved_step == step:  # saved at this step already: record the metric it scored
             if trainer.is_global_zero:
@@ -286,7 +312,12 @@ class Checkpointer(pl.Callback):
         write_manifest(last, dict(manifest, file=LAST, source=path.name))
 
     def _retain(self) -> None:
-        entries = step_checkpoints(self.directory)  # newest first
+        entries = []
+        for step, path in step_checkpoints(self.directory):  # newest first
+            if read_manifest(path) is None:  # a write that never finished (killed): never valid, remove it
+                path.unlink(missing_ok=True)
+            else:
+                entries.append((step, path))
         keep = {p for _, p in entries[: self.keep_last_k]}
         if self.keep_best_k:
             scored = [

@@ -70,8 +70,6 @@ class ResumableDataLoader(DataLoader):
     def state_dict(self) -> dict[str, int]:
         trainer = self._trainer
         done = 0 if trainer is None else int(trainer.fit_loop.epoch_loop.batch_progress.current.processed)
-        if self.sampler.finished:  # saved after the epoch's last batch
-            done = len(self)
         return {
             "epoch": int(self.sampler.epoch),
             "batches_done": done,

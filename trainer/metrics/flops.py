@@ -45,8 +45,11 @@ def precision_dtype(precision: str, tf32: bool = False) -> str:
 def gpu_peak_flops(device_name: str, dtype: str) -> float | None:
     """Peak FLOP/s of a GPU by its name (``torch.cuda.get_device_name``); None when the model is unknown."""
     # Longest key first, so "H100 PCIe" wins over a shorter key that also matches.
+    import re
+
     for key in sorted(GPU_PEAK_TFLOPS, key=len, reverse=True):
-        if key.lower() in device_name.lower():
+        # whole words only: "L4" must not match "NVIDIA L40S"
+        if re.search(rf"(?<![A-Za-z0-9]){re.escape(key)}(?![A-Za-z0-9])", device_name, re.IGNORECASE):
             tflops = GPU_PEAK_TFLOPS[key].get(dtype)
             return None if tflops is None else tflops * 1e12
     return None

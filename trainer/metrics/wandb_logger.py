@@ -22,7 +22,7 @@ from pytorch_lightning.loggers import WandbLogger
 from pytorch_lightning.utilities import rank_zero_only
 
 from trainer.config.schema import WandbLoggerConfig
-from trainer.secrets import flatten, redact
+from trainer.secrets import flatten, redact, redact_override
 
 log = logging.getLogger("trainer")
 
@@ -64,7 +64,9 @@ class SafeWandbLogger(WandbLogger):
 
     @rank_zero_only
     def log_hyperparams(self, params: Any) -> None:
-        self._safely(super().log_hyperparams, params)
+        from lightning_fabric.utilities.logger import _convert_params
+
+        self._safely(super().log_hyperparams, redact(_convert_params(params)))
 
     @rank_zero_only
     def log_metrics(self, metrics: Any, step: int | None = None) -> None:
@@ -97,6 +99,7 @@ class SafeWandbLogger(WandbLogger):
         """The resolved config, flattened and with secrets redacted, plus the run's metadata."""
         if self.experiment is None:
             return
+        info = dict(info, overrides=[redact_override(o) for o in info.get("overrides", [])])
         try:
             self.experiment.config.update(flatten(redact(config)), allow_val_change=True)
             self.experiment.config.update(
