@@ -17,6 +17,8 @@ def cases(tmp: Path) -> list[tuple[list[str], str]]:
     empty_dir.mkdir(exist_ok=True)
     empty_file = tmp / "empty.txt"
     empty_file.write_text("")
+    small_file = tmp / "small.txt"
+    small_file.write_text("x" * 3000)  # enough bytes for a sample, not for a batch of 32
     return [
         (["trainer.max_stepz=10"], "trainer.max_stepz: unknown key; expected a key of trainer: accelerator"),
         (["+trainer.foo=1"], "trainer.foo: unknown key"),
@@ -56,6 +58,7 @@ def cases(tmp: Path) -> list[tuple[list[str], str]]:
             ["resume=/no/such.ckpt"],
             "resume=/no/such.ckpt: expected auto, never or the path of an existing checkpoint",
         ),
+        ([f"data.path={small_file}"], "training samples of seq_len=128 for one global batch"),
         (["optim.schedule=linear"], "optim.schedule=linear: expected one of cosine, constant"),
         (["run.name=a/b"], "run.name=a/b: expected a name without '/'"),
         (["experiment=nope"], "experiment=nope: unknown option"),

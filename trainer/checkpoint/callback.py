@@ -269,9 +269,10 @@ class Checkpointer(pl.Callback):
             if callable(flush := getattr(logger, "flush_all", None)):
                 flush()
         started = time.perf_counter()
-        manifest = dict(
-            self.manifest_extra, reason=reason, metric=self._metric(trainer), monitor=self.monitor
-        )
+        # Only a validation of these very weights scores them (on_validation_end fills it in for a save made
+        # at the same step); an older validation's value would rank the wrong weights.
+        metric = self._metric(trainer) if reason == "validation" else None
+        manifest = dict(self.manifest_extra, reason=reason, metric=metric, monitor=self.monitor)
         trainer.save_checkpoint(path, weights_only=False, storage_options={"manifest": manifest})
         stall = time.perf_counter() - started
         self._last_saved_step, self._last_save_time = step, time.monotonic()

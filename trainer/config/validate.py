@@ -13,7 +13,7 @@ from typing import Any
 from omegaconf import DictConfig, OmegaConf
 
 from trainer.config.errors import ConfigError
-from trainer.config.schema import TrainConfig
+from trainer.config.schema import TextDataConfig, TrainConfig, resolve_text_files
 
 # What each built-in component learns from, so an impossible pair fails at once instead of in the first step.
 _TASK_OF_TARGET: dict[str, str] = {
@@ -123,6 +123,7 @@ def check(conf: TrainConfig) -> str:
             "1 here (several nodes need a cluster launcher such as srun)",
         )
 
+    _check_text_corpus_fills_a_batch(conf)
     accelerator = resolve_accelerator(trainer.accelerator)
     available = _device_count(accelerator)
     if trainer.devices > available:
@@ -146,6 +147,24 @@ def check(conf: TrainConfig) -> str:
     if conf.resume not in ("auto", "never") and not os.path.exists(conf.resume):
         raise ConfigError("resume", conf.resume, "auto, never or the path of an existing checkpoint")
     return accelerator
+
+
+def _check_text_corpus_fills_a_batch(conf: TrainConfig) -> None:
+    """A corpus with fewer training windows than one global batch would train zero steps and call it done."""
+    data = conf.data
+    if not isinstance(data, TextDataConfig):
+        return
+    total = sum(os.path.getsize(f) for f in resolve_text_files(data.path, data.pattern))
+    if data.max_bytes is not None:
+        total = min(total, data.max_bytes)
+    windows = (int(total * (1.0 - data.val_fraction)) - 1) // data.seq_len
+    needed = data.batch_size * conf.trainer.devices * conf.trainer.num_nodes
+    if windows < needed:
+        raise ConfigError(
+            "data.path", data.path,
+            f"a corpus of at least {needed} training samples of seq_len={data.seq_len} for one global batch "
+            f"(batch_size x devices x nodes); it has {windows}",
+        )  # fmt: skip
 
 
 def _device_count(accelerator: str) -> int:
