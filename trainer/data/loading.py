@@ -64,26 +64,29 @@ class ResumableDataLoader(DataLoader):
     def __init__(self, *args: Any, trainer: Any = None, **kwargs: Any) -> None:
         super().__init__(*args, **kwargs)
         self._trainer = trainer
+        self._restored = (-1, 0, 0)  # (epoch, samples, batches) of the position restored from a checkpoint
         if self.drop_last and self.batch_size:
             self.sampler.consumed_per_epoch = len(self) * self.batch_size
 
     def state_dict(self) -> dict[str, int]:
         trainer = self._trainer
         done = 0 if trainer is None else int(trainer.fit_loop.epoch_loop.batch_progress.current.processed)
-        return {
-            "epoch": int(self.sampler.epoch),
-            "batches_done": done,
-            "batch_size": int(self.batch_size or 1),
-        }
+        # Samples, not batches: a run resumed with another batch size keeps counting correctly. Lightning's
+        # batch counter carries on from the restored one, so batches before the restore are counted at the
+        # size they had.
+        samples = done * int(self.batch_size or 1)
+        epoch, restored_samples, restored_batches = self._restored
+        if epoch == self.sampler.epoch and done >= restored_batches:
+            samples = restored_samples + (done - restored_batches) * int(self.batch_size or 1)
+        return {"epoch": int(self.sampler.epoch), "samples_done": samples, "batches_done": done}
 
     def load_state_dict(self, state: dict[str, int]) -> None:
         self.sampler.epoch = int(state["epoch"])
-        skip = int(state.get("batches_done", 0)) * int(state.get("batch_size", self.batch_size or 1))
+        skip = int(state.get("samples_done", int(state.get("batches_done", 0)) * int(self.batch_size or 1)))
+        self._restored = (self.sampler.epoch, skip, int(state.get("batches_done", 0)))
         if skip >= self.sampler.consumed_per_epoch:  # that epoch was complete: the next pass starts the next
             self.sampler.finished = True
             return
-        if state.get("batch_size") != self.batch_size:
-            log.warning("data: batch size changed since the checkpoint; the epoch resumes at sample %d", skip)
         self.sampler.skip = skip
 
 
