@@ -21,6 +21,7 @@ from typing import Any
 
 import yaml
 
+from trainer.checkpoint.manifest import atomic_write_text, find_latest_valid, read_manifest, verify
 from trainer.config.errors import ConfigError
 from trainer.secrets import redact, redact_override
 
@@ -157,8 +158,6 @@ def plan(
     Only rank zero checks that a new run's directory is free: the other ranks may look after rank zero has
     begun to write it.
     """
-    from trainer.checkpoint.manifest import find_latest_valid, read_manifest, verify
-
     if resume not in ("auto", "never"):
         path = Path(resume)
         manifest = read_manifest(path)
@@ -195,12 +194,6 @@ def plan(
 
 
 # ---------------------------------------------------------------------------------------------- writing
-
-
-def _atomic_write(path: Path, text: str) -> None:
-    tmp = path.with_name(f".{path.name}.tmp")
-    tmp.write_text(text)
-    os.replace(tmp, path)
 
 
 def git_info(cwd: Path | None = None) -> dict:
@@ -249,9 +242,9 @@ def start(paths: RunPaths, cfg: dict, overrides: list[str], plan_: Plan, seed: i
         new = yaml.safe_dump(cfg, sort_keys=False)
         if old != new:  # an allowed change (e.g. longer max_steps): keep what the earlier attempt used
             n = len(list(paths.dir.glob("config.attempt-*.yaml"))) + 1
-            _atomic_write(paths.dir / f"config.attempt-{n}.yaml", old)
-    _atomic_write(paths.config, yaml.safe_dump(cfg, sort_keys=False))
-    _atomic_write(paths.overrides, yaml.safe_dump(list(overrides)))
+            atomic_write_text(paths.dir / f"config.attempt-{n}.yaml", old)
+    atomic_write_text(paths.config, yaml.safe_dump(cfg, sort_keys=False))
+    atomic_write_text(paths.overrides, yaml.safe_dump(list(overrides)))
     state = read_json(paths.state) or {"name": paths.name, "created": time.time(), "attempts": []}
     state.update(status="running", seed=seed, git=git_info(), versions=package_versions())
     state["attempts"].append(
@@ -266,14 +259,14 @@ def start(paths: RunPaths, cfg: dict, overrides: list[str], plan_: Plan, seed: i
             "slurm_job_id": os.environ.get("SLURM_JOB_ID"),
         }
     )
-    _atomic_write(paths.state, json.dumps(state, indent=2))
+    atomic_write_text(paths.state, json.dumps(state, indent=2))
 
 
 def annotate(paths: RunPaths, **fields: Any) -> None:
     """Rank zero: add fields to run.json (e.g. the W&B run id)."""
     state = read_json(paths.state) or {"name": paths.name, "attempts": []}
     state.update(fields)
-    _atomic_write(paths.state, json.dumps(state, indent=2))
+    atomic_write_text(paths.state, json.dumps(state, indent=2))
 
 
 def finish(paths: RunPaths, status: str, summary: dict | None = None) -> None:
@@ -285,4 +278,4 @@ def finish(paths: RunPaths, status: str, summary: dict | None = None) -> None:
         state["attempts"][-1]["status"] = status
     if summary is not None:
         state["summary"] = summary
-    _atomic_write(paths.state, json.dumps(state, indent=2))
+    atomic_write_text(paths.state, json.dumps(state, indent=2))

@@ -29,6 +29,7 @@ import pytorch_lightning as pl
 import torch
 
 from trainer.checkpoint.manifest import (
+    manifest_path,
     read_manifest,
     step_checkpoint_name,
     step_checkpoints,
@@ -331,7 +332,7 @@ class Checkpointer(pl.Callback):
         for _, path in entries:
             if path not in keep:
                 path.unlink(missing_ok=True)
-                Path(str(path) + ".json").unlink(missing_ok=True)
+                manifest_path(path).unlink(missing_ok=True)
 
     # ------------------------------------------------------------------ distributed helpers
 

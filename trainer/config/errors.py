@@ -61,7 +61,7 @@ def describe(exc: BaseException) -> str | None:
         e = e.__cause__ or e.__context__
     text = str(exc)
     missing = _NOT_FOUND.search(text)
-    if isinstance(exc, (ConfigCompositionException,)) and missing:
+    if isinstance(exc, ConfigCompositionException) and missing:
         group, option = missing.groups()
         options = _OPTIONS.search(text)
         choices = []

@@ -212,23 +212,6 @@ class TextDataConfig:
             raise ConfigError("val_fraction", self.val_fraction, "a number in (0, 1)")
         if self.max_bytes is not None:
             _positive("max_bytes", self.max_bytes)
-        files = resolve_text_files(self.path, self.pattern)
-        if not files:
-            if self.path is not None and not glob.has_magic(self.path) and not os.path.exists(self.path):
-                raise ConfigError("path", self.path, "an existing file, directory or glob (no such path)")
-            raise ConfigError(
-                "path", self.path, f"a path whose pattern {self.pattern!r} matches files (none do)"
-            )
-        total = sum(os.path.getsize(f) for f in files)
-        if self.max_bytes is not None:
-            total = min(total, self.max_bytes)
-        needed = 2 * (self.seq_len + 1)
-        if total < needed:
-            raise ConfigError(
-                "path",
-                self.path,
-                f"a corpus of at least {needed} bytes for seq_len={self.seq_len} (it has {total})",
-            )
 
 
 @dataclass

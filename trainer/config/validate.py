@@ -7,6 +7,7 @@ Everything here runs before any process is spawned and before any file is writte
 from __future__ import annotations
 
 import dataclasses
+import glob
 import os
 from typing import Any
 
@@ -123,7 +124,7 @@ def check(conf: TrainConfig) -> str:
             "1 here (several nodes need a cluster launcher such as srun)",
         )
 
-    _check_text_corpus_fills_a_batch(conf)
+    _check_text_corpus(conf)
     accelerator = resolve_accelerator(trainer.accelerator)
     available = _device_count(accelerator)
     if trainer.devices > available:
@@ -149,14 +150,28 @@ def check(conf: TrainConfig) -> str:
     return accelerator
 
 
-def _check_text_corpus_fills_a_batch(conf: TrainConfig) -> None:
-    """A corpus with fewer training windows than one global batch would train zero steps and call it done."""
+def _check_text_corpus(conf: TrainConfig) -> None:
+    """The corpus exists, has text, and fills at least one global batch (with fewer training windows than
+    that, Lightning would train zero steps and call the run done). One pass over the files."""
     data = conf.data
     if not isinstance(data, TextDataConfig):
         return
-    total = sum(os.path.getsize(f) for f in resolve_text_files(data.path, data.pattern))
+    files = resolve_text_files(data.path, data.pattern)
+    if not files:
+        if data.path is not None and not glob.has_magic(data.path) and not os.path.exists(data.path):
+            raise ConfigError("data.path", data.path, "an existing file, directory or glob (no such path)")
+        raise ConfigError(
+            "data.path", data.path, f"a path whose pattern {data.pattern!r} matches files (none do)"
+        )
+    total = sum(os.path.getsize(f) for f in files)
     if data.max_bytes is not None:
         total = min(total, data.max_bytes)
+    if total < 2 * (data.seq_len + 1):
+        raise ConfigError(
+            "data.path",
+            data.path,
+            f"a corpus of at least {2 * (data.seq_len + 1)} bytes for seq_len={data.seq_len} (it has {total})",
+        )
     windows = (int(total * (1.0 - data.val_fraction)) - 1) // data.seq_len
     needed = data.batch_size * conf.trainer.devices * conf.trainer.num_nodes
     if windows < needed:
