@@ -231,28 +231,57 @@ def fit(
         checkpointer.restore_signal_handlers()
     summary = summarise(trainer, monitor, checkpointer, paths, time.perf_counter() - started)
     last = paths.last_checkpoint
+    stop: RunStopped | None = None
     if checkpointer.preempted:
-        if trainer.is_global_zero:
-            rundir.finish(paths, "preempted", summary)
-        raise RunStopped(
+        state = "preempted"
+        stop = RunStopped(
             f"preempted by a signal: checkpoint saved at step {trainer.global_step} ({last}); "
             f"exit code {EXIT_PREEMPTED} means: run the same command again to continue",
             EXIT_PREEMPTED,
         )
-    if checkpointer.stopped_nonfinite:
-        if trainer.is_global_zero:
-            rundir.finish(paths, "failed", summary)
-        raise RunStopped(
+    elif checkpointer.stopped_nonfinite:
+        state = "failed"
+        stop = RunStopped(
             f"error: stopped on a {checkpointer.stopped_nonfinite}; the step was not applied and the last good "
             f"state is saved at step {trainer.global_step} ({last}); trainer.on_nonfinite_loss=skip skips such steps",
             EXIT_NONFINITE,
         )
-    if trainer.is_global_zero:
-        if wandb_logger is not None and conf.logger.wandb and conf.logger.wandb.log_checkpoint:
+    else:
+        state = "finished"
+        if (
+            trainer.is_global_zero
+            and wandb_logger is not None
+            and conf.logger.wandb
+            and conf.logger.wandb.log_checkpoint
+        ):
             wandb_logger.upload_checkpoint(paths.last_checkpoint)
-        rundir.finish(paths, "finished", summary)
+    if trainer.is_global_zero:
+        rundir.finish(paths, state, summary)
+    # Only now may the ranks go: under srun, the first rank to exit with a non-zero code makes srun stop
+    # the others (--kill-on-bad-exit), so rank zero's record above must be written before anyone leaves.
+    close_distributed()
+    if stop is not None:
+        raise stop
+    if trainer.is_global_zero:
         print_summary(summary)
     return summary
+
+
+def close_distributed() -> None:
+    """Meet the other ranks, then tear the process group down while every rank is still alive.
+
+    Left to interpreter exit, a rank that finishes first closes its gloo connections under a peer that is
+    still tearing down, and that peer can abort ("terminate called without an active exception", exit 134)
+    after a run that ended well. Only called on paths where every rank got here; a failing rank never waits.
+    """
+    import torch.distributed as dist
+
+    if not (dist.is_available() and dist.is_initialized()):
+        return
+    try:
+        dist.barrier()
+    finally:
+        dist.destroy_process_group()
 
 
 def summarise(
