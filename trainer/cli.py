@@ -1,6 +1,8 @@
 """The ``trainer`` command: dispatches to a subcommand and imports nothing heavy before it knows which.
 
 trainer train [hydra overrides]     train (one process, or local DDP workers)
+trainer submit [overrides]          the same run (or a -m sweep) as a SLURM job
+trainer status [run or sweep dir]   where runs and their jobs stand
 """
 
 from __future__ import annotations
@@ -13,17 +15,23 @@ usage: trainer <command> [options] [key=value ...]
 commands:
   train     compose the config from conf/ with Hydra, validate it, and train
             (`trainer train --help` shows the config groups and Hydra's flags)
+  submit    the same command as a SLURM job (sbatch), or a -m sweep as one job array;
+            returns at once with the job id (`trainer submit --help`)
+  status    runs, sweeps and their SLURM jobs: state, restarts, last step and metric, logs
 
 examples:
   trainer train                                   # the default experiment: a small GPT on CPU
   trainer train experiment=digits_mlp             # another preset
   trainer train strategy=ddp trainer.devices=2    # 2-process data parallel
   trainer train --cfg job                         # print the composed config and exit
+  trainer submit cluster=slurm trainer.num_nodes=2 strategy=ddp   # 2 nodes on SLURM
+  trainer submit --dry-run cluster=slurm          # print the sbatch script and the checks
+  trainer status runs/                            # every run under runs/
 
 exit codes: 0 success, 2 bad configuration or usage, other: the training failed (see its output)
 """
 
-COMMANDS = ("train",)
+COMMANDS = ("train", "submit", "status")
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -36,6 +44,14 @@ def main(argv: list[str] | None = None) -> int:
         from trainer.train import cli_main
 
         return cli_main(rest)
+    if command == "submit":
+        from trainer.submit import main as submit_main
+
+        return submit_main(rest)
+    if command == "status":
+        from trainer.status import main as status_main
+
+        return status_main(rest)
     print(
         f"error: command {command!r}: expected one of {', '.join(COMMANDS)} (see `trainer --help`)",
         file=sys.stderr,

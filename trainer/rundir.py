@@ -28,7 +28,7 @@ from trainer.secrets import redact, redact_override
 # Keys that say where or how a run is watched, not what is trained: they do not change its identity.
 IDENTITY_EXCLUDED = (
     "run", "resume", "logger", "checkpoint", "trainer.enable_progress_bar", "trainer.log_every_n_steps",
-    "data.num_workers", "strategy.timeout_s", "strategy.step_timeout_s",
+    "data.num_workers", "strategy.timeout_s", "strategy.step_timeout_s", "cluster",
 )  # fmt: skip
 # Keys that must match for a checkpoint in the run directory to be continued (others may change, e.g. a
 # longer max_steps continues a finished run).
@@ -39,6 +39,8 @@ OVERRIDES_FILE = "overrides.yaml"
 STATE_FILE = "run.json"
 METRICS_FILE = "metrics.csv"
 CHECKPOINT_DIR = "checkpoints"
+SLURM_DIR = "slurm"
+"""Job scripts, job logs and the job ledger of a run submitted to SLURM."""
 LAST_CHECKPOINT = "last.ckpt"
 
 
@@ -92,6 +94,10 @@ class RunPaths:
     @property
     def last_checkpoint(self) -> Path:
         return self.checkpoints / LAST_CHECKPOINT
+
+    @property
+    def slurm(self) -> Path:
+        return self.dir / SLURM_DIR
 
 
 def resolve_paths(cfg: dict, experiment: str | None) -> RunPaths:
@@ -172,7 +178,8 @@ def plan(
         return Plan("resume", resume, tuple(notes))
     state = read_json(paths.state)
     if state is None:
-        if rank_zero and paths.dir.exists() and any(paths.dir.iterdir()):
+        # The job script and log folder that `trainer submit` writes before the job starts is not a run.
+        if rank_zero and paths.dir.exists() and any(p.name != SLURM_DIR for p in paths.dir.iterdir()):
             raise ConfigError(
                 "run.dir", str(paths.dir), "a new or empty directory, or a run directory (no run.json here)"
             )

@@ -471,6 +471,114 @@ class CheckpointConfig:
                 raise ConfigError("save_on_signals", name, "signal names such as SIGUSR1, SIGUSR2, SIGTERM")
 
 
+# ---------------------------------------------------------------------------------------------- cluster
+
+# Slurm's --time forms: minutes, minutes:seconds, hours:minutes:seconds, days-hours,
+# days-hours:minutes, days-hours:minutes:seconds.
+SLURM_TIME = r"^(\d+|\d+:\d{1,2}|\d+:\d{1,2}:\d{1,2}|\d+-\d+|\d+-\d+:\d{1,2}|\d+-\d+:\d{1,2}:\d{1,2})$"
+# Job names for which Lightning's SLURMEnvironment assumes an interactive shell and ignores SLURM's ranks.
+INTERACTIVE_JOB_NAMES = ("bash", "interactive")
+
+
+@dataclass
+class ClusterConfig:
+    """Where ``trainer submit`` sends the run: one file per cluster under ``conf/cluster/`` (or your config
+    dir). ``local`` means this machine: ``trainer train`` runs here and ``trainer submit`` has nowhere to go."""
+
+    name: str = "local"
+    """``local`` (run here) or the cluster's name (a SLURM cluster; used in messages only)."""
+    partition: str | None = None
+    """``--partition``; ``null``: the cluster's default partition."""
+    account: str | None = None
+    """``--account`` to charge; ``null``: your default account."""
+    qos: str | None = None
+    """``--qos``; ``null``: the default quality of service."""
+    time: str = "01:00:00"
+    """``--time`` limit of one job attempt (``HH:MM:SS``, ``D-HH:MM:SS`` or minutes). A requeued attempt gets
+    the full limit again, so a long run spans several attempts."""
+    gpus_per_node: int = 0
+    """GPUs to request per node; with ``trainer.accelerator=gpu`` it must equal ``trainer.devices``."""
+    gres: str | None = "gpu:{gpus}"
+    """How GPUs are requested: a ``--gres`` value with ``{gpus}`` for the count (``gpu:a100:{gpus}`` for a
+    typed GPU); ``null``: use ``--gpus-per-node`` instead."""
+    cpus_per_task: int = 2
+    """``--cpus-per-task``: cores of each training process (also its ``OMP_NUM_THREADS``)."""
+    mem: str | None = None
+    """``--mem`` per node (``64G``; ``0`` is all of it); ``null``: the partition's default."""
+    constraint: str | None = None
+    """``--constraint`` (node features, e.g. ``a100&ib``)."""
+    exclusive: bool = False
+    """``--exclusive``: no other job shares the nodes."""
+    modules: list[str] = field(default_factory=list)
+    """Environment modules to load before training (``module load <each>``), e.g. ``[cuda/12.4]``."""
+    setup: list[str] = field(default_factory=list)
+    """Shell lines run before training, after the modules: ``source ~/venvs/train/bin/activate``."""
+    python: str | None = None
+    """The Python that runs ``trainer`` on the nodes; ``null``: the one that ran ``trainer submit`` (right
+    when its environment is on a filesystem the nodes share; set it, or ``setup``, when it is not)."""
+    env: dict[str, str] = field(default_factory=dict)
+    """Environment variables for the job, e.g. ``{NCCL_SOCKET_IFNAME: ib0}``. Never put secrets here:
+    sbatch passes your own environment (WANDB_API_KEY included) to the job without writing it down."""
+    sbatch: list[str] = field(default_factory=list)
+    """Extra ``#SBATCH`` options, each as on the command line: ``[--mail-type=END, --reservation=x]``."""
+    srun: list[str] = field(default_factory=list)
+    """Extra ``srun`` options for the training step, e.g. ``[--mpi=none]``."""
+    signal: str = "SIGUSR1"
+    """The signal Slurm sends ``signal_lead_s`` before the time limit; it must be one of
+    ``checkpoint.save_on_signals`` so the run saves at the next step and asks to be requeued."""
+    signal_lead_s: int = 120
+    """Seconds before the time limit for that signal (Slurm may send it up to a minute early)."""
+    max_requeues: int = 3
+    """How many times a job that stopped to be requeued (exit code 75) requeues itself; then it ends, and
+    ``trainer submit`` with the same overrides continues it."""
+    array_parallelism: int | None = None
+    """Sweeps: at most this many array tasks run at once (``--array=0-N%P``); ``null``: no limit."""
+    job_name: str | None = None
+    """``--job-name``; ``null``: the run's name (the sweep's name for an array)."""
+    template: str = "default"
+    """The sbatch template: a name under ``slurm/`` (``default``) or the path of your own file."""
+    test_only: bool = True
+    """Ask the scheduler (``sbatch --test-only``) whether the request can run before submitting it."""
+
+    def __post_init__(self) -> None:
+        import re
+
+        if not self.name:
+            raise ConfigError("name", self.name, "local or the cluster's name")
+        if not re.match(SLURM_TIME, str(self.time)):
+            raise ConfigError(
+                "time", self.time, "a Slurm time: minutes, HH:MM:SS, D-HH, D-HH:MM or D-HH:MM:SS"
+            )
+        _non_negative("gpus_per_node", self.gpus_per_node)
+        _positive("cpus_per_task", self.cpus_per_task)
+        _non_negative("signal_lead_s", self.signal_lead_s)
+        _non_negative("max_requeues", self.max_requeues)
+        if self.array_parallelism is not None:
+            _positive("array_parallelism", self.array_parallelism)
+        if self.gres is not None and "{gpus}" not in self.gres:
+            raise ConfigError("gres", self.gres, "a --gres value containing {gpus}, e.g. gpu:{gpus}, or null")
+        if self.job_name in INTERACTIVE_JOB_NAMES:
+            raise ConfigError(
+                "job_name", self.job_name,
+                "a name other than bash or interactive (Lightning treats those jobs as interactive shells "
+                "and ignores their ranks)",
+            )  # fmt: skip
+        import signal
+
+        if self.signal in ("SIGKILL", "SIGSTOP") or not isinstance(
+            getattr(signal, self.signal, None), signal.Signals
+        ):
+            raise ConfigError("signal", self.signal, "a signal name such as SIGUSR1, SIGUSR2 or SIGTERM")
+        from trainer.secrets import is_secret_name
+
+        for key in self.env:
+            if is_secret_name(key):
+                raise ConfigError(
+                    f"env.{key}", "<hidden>",
+                    "no secrets in the cluster config: export it in your shell; sbatch passes it to the job",
+                )  # fmt: skip
+
+
 # ---------------------------------------------------------------------------------------------- root
 
 
@@ -494,6 +602,7 @@ class TrainConfig:
     trainer: TrainerConfig = field(default_factory=TrainerConfig)
     logger: LoggerConfig = field(default_factory=LoggerConfig)
     checkpoint: CheckpointConfig = field(default_factory=CheckpointConfig)
+    cluster: ClusterConfig = field(default_factory=ClusterConfig)
 
 
 def register() -> None:

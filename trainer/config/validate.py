@@ -110,21 +110,14 @@ def launched_externally() -> bool:
 
 def check(conf: TrainConfig) -> str:
     """Checks across slices and against this machine. Returns the accelerator Lightning should use."""
-    strategy, trainer = conf.strategy, conf.trainer
-    if strategy.name == "fsdp":
-        raise ConfigError("strategy", "fsdp", "auto or ddp (FSDP2 support is not in this release yet)")
-    if trainer.devices > 1 and strategy.name == "auto":
-        raise ConfigError(
-            "trainer.devices", trainer.devices, "1 with strategy=auto (use strategy=ddp for more)"
-        )
+    _check_portable(conf)
+    trainer = conf.trainer
     if trainer.num_nodes > 1 and not launched_externally():
         raise ConfigError(
             "trainer.num_nodes",
             trainer.num_nodes,
-            "1 here (several nodes need a cluster launcher such as srun)",
+            "1 here (several nodes need a cluster launcher: `trainer submit` sends the run to SLURM)",
         )
-
-    _check_text_corpus(conf)
     accelerator = resolve_accelerator(trainer.accelerator)
     available = _device_count(accelerator)
     if trainer.devices > available:
@@ -133,21 +126,71 @@ def check(conf: TrainConfig) -> str:
             trainer.devices,
             f"at most {available} (the {accelerator} devices of this machine)",
         )
+    _check_precision(conf, accelerator)
+    if str(conf.precision.value).startswith("bf16") and accelerator == "gpu":
+        import torch
 
+        if not torch.cuda.is_bf16_supported():
+            raise ConfigError("precision", conf.precision.value, "32 or 16-mixed (this GPU has no bf16)")
+    return accelerator
+
+
+def check_for_cluster(conf: TrainConfig) -> str:
+    """The checks of ``check`` that hold on a cluster's nodes rather than this machine, plus the cluster
+    request's own consistency. Imports no torch (``trainer submit`` must stay fast). Returns the accelerator
+    the nodes will use (``cpu`` or ``gpu``)."""
+    cluster, trainer = conf.cluster, conf.trainer
+    if cluster.name == "local":
+        raise ConfigError(
+            "cluster", "local",
+            "a SLURM cluster profile (cluster=slurm or your own cluster file); `trainer train` runs here",
+        )  # fmt: skip
+    _check_portable(conf)
+    if trainer.accelerator == "mps":
+        raise ConfigError("trainer.accelerator", "mps", "auto, cpu or gpu on a SLURM cluster")
+    if trainer.accelerator in ("gpu", "cuda") and cluster.gpus_per_node == 0:
+        raise ConfigError(
+            "cluster.gpus_per_node", 0, f"{trainer.devices} (trainer.devices) with trainer.accelerator=gpu"
+        )
+    accelerator = "gpu" if cluster.gpus_per_node > 0 and trainer.accelerator != "cpu" else "cpu"
+    if accelerator == "gpu" and cluster.gpus_per_node != trainer.devices:
+        raise ConfigError(
+            "cluster.gpus_per_node", cluster.gpus_per_node,
+            f"{trainer.devices}: one training process per GPU, and trainer.devices={trainer.devices}",
+        )  # fmt: skip
+    _check_precision(conf, accelerator)
+    if cluster.signal not in conf.checkpoint.save_on_signals:
+        raise ConfigError(
+            "cluster.signal", cluster.signal,
+            f"one of checkpoint.save_on_signals ({', '.join(conf.checkpoint.save_on_signals)}), so the run "
+            "saves and asks to be requeued when it arrives",
+        )  # fmt: skip
+    return accelerator
+
+
+def _check_portable(conf: TrainConfig) -> None:
+    """What must hold wherever the run trains."""
+    strategy, trainer = conf.strategy, conf.trainer
+    if strategy.name == "fsdp":
+        raise ConfigError("strategy", "fsdp", "auto or ddp (FSDP2 support is not in this release yet)")
+    if trainer.devices * trainer.num_nodes > 1 and strategy.name == "auto":
+        key, value = (
+            ("trainer.devices", trainer.devices)
+            if trainer.devices > 1
+            else ("trainer.num_nodes", trainer.num_nodes)
+        )
+        raise ConfigError(key, value, "1 with strategy=auto (use strategy=ddp for more)")
+    _check_text_corpus(conf)
+    if conf.resume not in ("auto", "never") and not os.path.exists(conf.resume):
+        raise ConfigError("resume", conf.resume, "auto, never or the path of an existing checkpoint")
+
+
+def _check_precision(conf: TrainConfig, accelerator: str) -> None:
     precision = str(conf.precision.value)
     if precision == "16-mixed" and accelerator != "gpu":
         raise ConfigError(
             "precision", precision, f"32, bf16-mixed or bf16-true on {accelerator} (16-mixed needs CUDA)"
         )
-    if precision.startswith("bf16") and accelerator == "gpu":
-        import torch
-
-        if not torch.cuda.is_bf16_supported():
-            raise ConfigError("precision", precision, "32 or 16-mixed (this GPU has no bf16)")
-
-    if conf.resume not in ("auto", "never") and not os.path.exists(conf.resume):
-        raise ConfigError("resume", conf.resume, "auto, never or the path of an existing checkpoint")
-    return accelerator
 
 
 def _check_text_corpus(conf: TrainConfig) -> None:

@@ -1,0 +1,140 @@
+"""``trainer status [dir ...]``: where runs, sweeps and their SLURM jobs stand.
+
+A run directory's own files say what training did (run.json: status and attempts; metrics.csv: the last
+step and losses); its ``slurm/jobs.json`` says which jobs ran it, and the scheduler (``squeue``/``scontrol``,
+``sacct`` where there is accounting) says what became of the newest one. Imports no torch; writes nothing.
+"""
+
+from __future__ import annotations
+
+import csv
+import sys
+from pathlib import Path
+
+from trainer import rundir
+from trainer.launch import slurm
+from trainer.submit import LEDGER, SWEEP_LEDGER
+
+USAGE = """\
+usage: trainer status [DIR ...]
+
+DIR is a run directory, a sweep directory (of `trainer submit -m`), or a folder of runs (default: runs).
+Shows each run's state, its newest SLURM job (state, restarts, exit code), the last step and losses, and
+where the job's log is.
+"""
+
+
+def last_metrics(path: Path) -> dict:
+    """The newest step, train loss and val loss in a run's metrics.csv."""
+    out: dict = {}
+    try:
+        with path.open(newline="") as f:
+            for row in csv.DictReader(f):
+                if row.get("step"):
+                    out["step"] = int(float(row["step"]))
+                for key in ("train/loss", "val/loss"):
+                    if row.get(key):
+                        out[key] = float(row[key])
+    except (OSError, ValueError, csv.Error):
+        pass
+    return out
+
+
+def run_status(run_dir: Path) -> dict:
+    state = rundir.read_json(run_dir / rundir.STATE_FILE) or {}
+    jobs = (rundir.read_json(run_dir / rundir.SLURM_DIR / LEDGER) or {}).get("jobs", [])
+    info: dict = {
+        "name": state.get("name") or run_dir.name,
+        "dir": str(run_dir),
+        "state": state.get("status"),
+    }
+    info.update(last_metrics(run_dir / rundir.METRICS_FILE))
+    if jobs:
+        job = jobs[-1]
+        info["job"], info["log"] = job["job_id"], job.get("log")
+        records = slurm.job_records(job["job_id"])
+        if records:
+            rec = records[0]
+            info["job_state"] = rec.get("JobState")
+            info["restarts"] = rec.get("Restarts")
+            info["exit"] = rec.get("ExitCode")
+            if rec.get("Reason") and rec.get("Reason") != "None":
+                info["reason"] = rec["Reason"]
+        if info["state"] is None:  # submitted, not started yet (or never started)
+            info["state"] = "submitted"
+    return info
+
+
+def fmt(value: object, spec: str = "") -> str:
+    if value is None:
+        return "-"
+    return format(value, spec) if spec else str(value)
+
+
+def print_table(rows: list[dict], first: str = "RUN") -> None:
+    header = [first, "STATE", "JOB", "JOB STATE", "RESTARTS", "STEP", "TRAIN LOSS", "VAL LOSS"]
+    table = [header] + [
+        [r.get("label", r["name"]), fmt(r.get("state")), fmt(r.get("job")), fmt(r.get("job_state")),
+         fmt(r.get("restarts")), fmt(r.get("step")), fmt(r.get("train/loss"), ".4f"), fmt(r.get("val/loss"), ".4f")]
+        for r in rows
+    ]  # fmt: skip
+    widths = [max(len(row[i]) for row in table) for i in range(len(header))]
+    for row in table:
+        print("  ".join(cell.ljust(w) for cell, w in zip(row, widths, strict=True)).rstrip())
+
+
+def show_run(run_dir: Path) -> None:
+    r = run_status(run_dir)
+    print(f"run {r['name']}  ({r['dir']})")
+    print(f"  state      {fmt(r.get('state'))}")
+    if r.get("job"):
+        extra = f"  restarts {fmt(r.get('restarts'))}  exit {fmt(r.get('exit'))}"
+        reason = f"  reason {r['reason']}" if r.get("reason") else ""
+        print(f"  job        {r['job']}  {fmt(r.get('job_state'), '') if r.get('job_state') else 'unknown to the scheduler'}"
+              f"{extra if r.get('job_state') else ''}{reason}")  # fmt: skip
+    print(f"  step       {fmt(r.get('step'))}   train/loss {fmt(r.get('train/loss'), '.4f')}"
+          f"   val/loss {fmt(r.get('val/loss'), '.4f')}")  # fmt: skip
+    if r.get("log"):
+        print(f"  log        {r['log']}")
+
+
+def show_sweep(sweep_dir: Path) -> None:
+    ledger = rundir.read_json(sweep_dir / SWEEP_LEDGER) or {}
+    trials = ledger.get("trials", [])
+    jobs = ledger.get("jobs", [])
+    print(f"sweep {ledger.get('name', sweep_dir.name)}  ({sweep_dir}): {len(trials)} trials"
+          + (f", last job {jobs[-1]['job_id']} (array {jobs[-1].get('array')})" if jobs else ""))  # fmt: skip
+    rows = []
+    for t in trials:
+        r = run_status(Path(t["run_dir"]))
+        r["label"] = f"{t['index']}: {' '.join(t.get('overrides', [])) or r['name']}"
+        rows.append(r)
+    print_table(rows, first="TRIAL")
+
+
+def main(argv: list[str]) -> int:
+    if any(a in ("-h", "--help") for a in argv):
+        print(USAGE, end="")
+        return 0
+    targets = [Path(a) for a in argv] or [Path("runs")]
+    code = 0
+    for target in targets:
+        if (target / SWEEP_LEDGER).is_file():
+            show_sweep(target)
+        elif (target / rundir.STATE_FILE).is_file() or (target / rundir.SLURM_DIR / LEDGER).is_file():
+            show_run(target)
+        elif target.is_dir():
+            runs = sorted(p for p in target.iterdir() if (p / rundir.STATE_FILE).is_file()
+                          or (p / rundir.SLURM_DIR / LEDGER).is_file())  # fmt: skip
+            sweeps = sorted(p for p in target.iterdir() if (p / SWEEP_LEDGER).is_file())
+            if runs:
+                print_table([run_status(p) for p in runs])
+            for s in sweeps:
+                show_sweep(s)
+            if not runs and not sweeps:
+                print(f"no runs or sweeps in {target}")
+        else:
+            print(f"error: {target}: expected a run directory, a sweep directory or a folder of runs",
+                  file=sys.stderr)  # fmt: skip
+            code = 2
+    return code

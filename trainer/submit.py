@@ -1,0 +1,373 @@
+"""``trainer submit``: the same command as ``trainer train``, sent to a SLURM cluster as one sbatch job.
+
+Order matters, as in ``trainer train``: every trial's config is composed and checked, and the request is
+checked against the scheduler, before anything is written or submitted. Then the script is written into the
+run's directory, submitted with ``sbatch --parsable``, and the command returns with the job id; it never
+waits for the job. With ``-m`` the sweep's trials become one job array, one array task per trial.
+Imports no torch or Lightning.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import hashlib
+import json
+import os
+import re
+import sys
+import time
+from pathlib import Path
+
+from omegaconf import OmegaConf, open_dict
+
+from trainer import rundir
+from trainer.checkpoint.manifest import atomic_write_text
+from trainer.config import schema
+from trainer.config.errors import EXIT_CONFIG, ConfigError, describe
+from trainer.launch import slurm
+from trainer.launch.local import quote
+
+USAGE = """\
+usage: trainer submit [--dry-run] [-m] [-cd DIR] [key=value ...]
+
+Send `trainer train [key=value ...]` to a SLURM cluster described by a cluster profile (conf/cluster/ or
+your config dir) and return at once with the job id. The job keeps the run's directory, so submitting the
+same command again continues the run where it stopped.
+
+options:
+  --dry-run            print the sbatch script and the checks; write and submit nothing
+  -m, --multirun       a sweep (a=1,2 b=x,y): one job array, one array task per trial
+  -cd, --config-dir D  also look for config files (your own cluster/, model/, ...) in D
+
+examples:
+  trainer submit cluster=slurm cluster.partition=gpu trainer.devices=4 cluster.gpus_per_node=4
+  trainer submit --dry-run cluster=slurm strategy=ddp trainer.num_nodes=2
+  trainer submit -m cluster=slurm optim.lr=1e-3,3e-4 model.n_layer=2,4
+"""
+
+LEDGER = "jobs.json"
+SWEEP_LEDGER = "sweep.json"
+
+
+class UsageError(Exception):
+    pass
+
+
+@dataclasses.dataclass
+class Options:
+    dry_run: bool = False
+    multirun: bool = False
+    config_dir: str | None = None
+    overrides: list[str] = dataclasses.field(default_factory=list)
+
+
+def parse_args(argv: list[str]) -> Options:
+    opts = Options()
+    it = iter(argv)
+    for arg in it:
+        name, eq, value = arg.partition("=")
+        if arg == "--dry-run":
+            opts.dry_run = True
+        elif arg in ("-m", "--multirun"):
+            opts.multirun = True
+        elif name in ("-cd", "--config-dir"):
+            opts.config_dir = value if eq else next(it, None)
+            if not opts.config_dir:
+                raise UsageError(f"{name} needs a directory")
+            if not Path(opts.config_dir).is_dir():
+                raise UsageError(f"{name} {opts.config_dir}: no such directory")
+        elif arg.startswith("-"):
+            raise UsageError(f"option {arg!r}: expected --dry-run, -m/--multirun or -cd/--config-dir DIR")
+        else:
+            opts.overrides.append(arg)
+    return opts
+
+
+@dataclasses.dataclass
+class Composed:
+    """One trial, composed and checked."""
+
+    conf: schema.TrainConfig
+    resolved: dict
+    paths: rundir.RunPaths
+    plan: rundir.Plan
+    task_overrides: list[str]
+    experiment: str | None
+
+
+# ---------------------------------------------------------------------------------------------- compose
+
+
+def expand(overrides: list[str], multirun: bool) -> tuple[list[list[str]], list[str]]:
+    """Hydra's own sweep expansion: the trials' override lists, and the keys the sweep varies."""
+    from hydra._internal.core_plugins.basic_sweeper import BasicSweeper
+    from hydra.core.override_parser.overrides_parser import OverridesParser
+
+    parsed = OverridesParser.create().parse_overrides(overrides)
+    swept = [o.get_key_element() for o in parsed if o.is_sweep_override()]
+    if swept and not multirun:
+        raise ConfigError(swept[0], None, "one value per key (add -m to submit a sweep as a job array)")
+    if not multirun:
+        return [overrides], []
+    batches = BasicSweeper.split_arguments(parsed, None)
+    return [list(t) for t in batches[0]], swept
+
+
+def compose(overrides: list[str], config_dir: str | None, run_root: Path | None) -> Composed:
+    from hydra import compose as hydra_compose
+
+    from trainer.config.validate import check_components, check_for_cluster, to_typed
+
+    extra = [f"hydra.searchpath=[file://{os.path.abspath(config_dir)}]"] if config_dir else []
+    cfg = hydra_compose("train", overrides=overrides + extra, return_hydra_config=True)
+    hydra_node = cfg.hydra
+    choices, task = hydra_node.runtime.choices, list(hydra_node.overrides.task)
+    with open_dict(cfg):
+        del cfg["hydra"]
+        if run_root is not None:
+            cfg.run.root = str(run_root)
+    check_components(cfg, choices)
+    conf = to_typed(cfg)
+    check_for_cluster(conf)
+    resolved = OmegaConf.to_container(cfg, resolve=True)
+    experiment = choices.get("experiment")
+    paths = rundir.resolve_paths(resolved, experiment)
+    paths = rundir.RunPaths(paths.name, Path(os.path.abspath(paths.dir)))
+    plan = rundir.plan(
+        paths, resolved, conf.resume, rank_zero=True, allow_config_change=conf.checkpoint.allow_config_change
+    )
+    slurm.check_words("run.name", [paths.name])
+    return Composed(conf, resolved, paths, plan, task, experiment)
+
+
+def sweep_name(experiment: str | None, overrides: list[str]) -> str:
+    """Stable for the same sweep command, so submitting it again finds the same sweep directory."""
+    digest = hashlib.sha256(json.dumps(overrides).encode()).hexdigest()[:8]
+    return f"sweep-{experiment or 'run'}-{digest}"
+
+
+def pinned_args(c: Composed, config_dir: str | None, extra: list[str]) -> list[str]:
+    """The job's arguments: config dir, the trial's overrides, and its identity spelled out, so every task
+    and every requeued attempt agrees on the run directory."""
+    flags = ["--config-dir", os.path.abspath(config_dir)] if config_dir else []
+    own = [
+        o
+        for o in c.task_overrides
+        if o.split("=", 1)[0].lstrip("+~") not in ("run.name", "run.dir", "run.root")
+    ]
+    return flags + own + extra + [f"run.name={plain(c.paths.name)}", f"run.dir={plain(str(c.paths.dir))}"]
+
+
+def plain(value: str) -> str:
+    """A Hydra override value taken literally: as is when it is a plain word or path, else quoted."""
+    return value if re.fullmatch(r"[A-Za-z_/][A-Za-z0-9_./-]*", value) else quote(value)
+
+
+def previous_job(run_dir: Path) -> tuple[str, str] | None:
+    """The job of this run still in the queue, as (job id, state): two jobs must never share a run dir."""
+    jobs = (rundir.read_json(run_dir / rundir.SLURM_DIR / LEDGER) or {}).get("jobs", [])
+    if jobs:
+        state = slurm.active(jobs[-1]["job_id"])
+        if state is not None:
+            return jobs[-1]["job_id"], state
+    return None
+
+
+# ---------------------------------------------------------------------------------------------- main
+
+
+@dataclasses.dataclass
+class Submission:
+    job: slurm.Job
+    script: str
+    notes: list[str]
+    sweep_dir: Path | None
+    sweep_trials: list[slurm.Trial]
+    """Every trial of a sweep (finished ones included), for the ledger."""
+
+
+def prepare(opts: Options) -> Submission | None:
+    """Everything that can fail on bad input; writes nothing. ``None``: nothing left to submit."""
+    from hydra import initialize_config_dir
+
+    from trainer.train import conf_dir, quote_numeric_choices
+
+    schema.register()
+    groups = [p.name for p in Path(conf_dir()).iterdir() if p.is_dir()]
+    overrides = quote_numeric_choices(opts.overrides, groups)
+    slurm.check_words("overrides", overrides)
+    notes: list[str] = []
+    with initialize_config_dir(config_dir=conf_dir(), version_base="1.3"):
+        trial_overrides, swept = expand(overrides, opts.multirun)
+        first = compose(trial_overrides[0], opts.config_dir, None)
+        sweep_dir = None
+        if swept:
+            if first.resolved["run"].get("dir"):
+                raise ConfigError(
+                    "run.dir", first.resolved["run"]["dir"], "unset in a sweep (each trial gets its own)"
+                )
+            name = sweep_name(first.experiment, overrides)
+            sweep_dir = Path(os.path.abspath(Path(first.resolved["run"]["root"]) / name))
+            composed = [compose(t, opts.config_dir, sweep_dir) for t in trial_overrides]
+        else:
+            composed = [first]
+
+    base = composed[0].conf
+    for i, c in enumerate(composed[1:], start=1):
+        for key, a, b in (
+            ("cluster", dataclasses.asdict(base.cluster), dataclasses.asdict(c.conf.cluster)),
+            ("trainer.devices", base.trainer.devices, c.conf.trainer.devices),
+            ("trainer.num_nodes", base.trainer.num_nodes, c.conf.trainer.num_nodes),
+        ):
+            if a != b:
+                raise ConfigError(
+                    key, None, f"the same value in every trial of one job array (trial {i} differs)"
+                )
+    dirs = [c.paths.dir for c in composed]
+    for i, d in enumerate(dirs):
+        if d in dirs[:i]:
+            raise ConfigError(
+                "run.name", composed[i].paths.name,
+                f"a different run for each trial (trials {dirs.index(d)} and {i} resolve to {d})",
+            )  # fmt: skip
+
+    trials, todo = [], []
+    for i, c in enumerate(composed):
+        extra = []
+        if sweep_dir is not None and c.conf.logger.wandb is not None and not c.conf.logger.wandb.group:
+            extra.append(f"logger.wandb.group={sweep_dir.name}")  # one W&B group per sweep
+        own = [o for o in trial_overrides[i] if o.split("=", 1)[0].lstrip("+~") in swept]
+        trials.append(slurm.Trial(i, own, pinned_args(c, opts.config_dir, extra), c.paths.name, c.paths.dir))
+        notes += [f"{c.paths.name}: {n}" for n in c.plan.notes]
+        if c.plan.action == "done":
+            notes.append(f"{c.paths.name}: already finished ({c.paths.dir}); not submitted")
+            continue
+        busy = previous_job(c.paths.dir)
+        if busy is not None:
+            raise ConfigError(
+                "run.name", c.paths.name,
+                f"a run without a job in the queue (job {busy[0]} is {busy[1]} for {c.paths.dir}; wait for it "
+                f"or scancel {busy[0]}: two jobs must not write one run directory)",
+            )  # fmt: skip
+        notes.append(
+            f"{c.paths.name}: {'resumes from ' + str(c.plan.checkpoint) if c.plan.action == 'resume' else 'starts at step 0'}"
+        )
+        todo.append(trials[-1])
+    if not todo:
+        return Submission(None, "", notes, sweep_dir, trials)  # type: ignore[arg-type]
+
+    cluster = base.cluster
+    slurm.check_extra_options(cluster)
+    job_name = cluster.job_name or (sweep_dir.name if sweep_dir else todo[0].run_name)
+    if job_name in schema.INTERACTIVE_JOB_NAMES:
+        raise ConfigError(
+            "run.name", job_name, "a name other than bash or interactive (it becomes the job name)"
+        )
+    job = slurm.Job(
+        cluster=cluster,
+        nodes=base.trainer.num_nodes,
+        tasks_per_node=base.trainer.devices,
+        job_name=job_name,
+        log_dir=(sweep_dir or todo[0].run_dir) / rundir.SLURM_DIR,
+        workdir=Path.cwd(),
+        what=f"sweep {sweep_dir.name}, {len(trials)} trials" if sweep_dir else f"run {todo[0].run_name}",
+        trials=todo,
+        array=[t.index for t in todo] if sweep_dir else None,
+        python=cluster.python or slurm.current_python(),
+    )
+    script = slurm.render(job)
+    if slurm.reachable():
+        notes += slurm.check_against_scheduler(job)
+        if cluster.test_only:
+            complaint = slurm.test_only(script)
+            if complaint is not None:
+                raise slurm.SchedulerError(
+                    f"the scheduler would not run this job (sbatch --test-only): {complaint}"
+                )
+            notes.append("sbatch --test-only: the scheduler accepts the request")
+    else:
+        notes.append(
+            "no SLURM controller answers here (scontrol ping): the scheduler did not check the request"
+        )
+    return Submission(job, script, notes, sweep_dir, trials)
+
+
+def record(path: Path, entry: dict) -> None:
+    ledger = rundir.read_json(path) or {"jobs": []}
+    ledger["jobs"].append(entry)
+    atomic_write_text(path, json.dumps(ledger, indent=2) + "\n")
+
+
+def write_and_submit(sub: Submission, opts: Options) -> str:
+    job = sub.job
+    job.log_dir.mkdir(parents=True, exist_ok=True)
+    stamp = time.strftime("%Y%m%d-%H%M%S")
+    script_path = job.log_dir / f"submit-{stamp}.sbatch"
+    atomic_write_text(script_path, sub.script)
+    if sub.sweep_dir is not None:  # the ledger exists before the job, so a crash here loses nothing
+        ledger_path = sub.sweep_dir / SWEEP_LEDGER
+        ledger = rundir.read_json(ledger_path) or {"name": sub.sweep_dir.name, "jobs": []}
+        ledger["overrides"] = opts.overrides
+        ledger["trials"] = [
+            {"index": t.index, "overrides": t.overrides, "run_name": t.run_name, "run_dir": str(t.run_dir)}
+            for t in sub.sweep_trials
+        ]
+        atomic_write_text(ledger_path, json.dumps(ledger, indent=2) + "\n")
+    job_id = slurm.submit(script_path)
+    when = time.strftime("%Y-%m-%dT%H:%M:%S")
+    if sub.sweep_dir is not None:
+        record(sub.sweep_dir / SWEEP_LEDGER, {"job_id": job_id, "array": slurm.compress(job.array or [0]),
+                                              "submitted_at": when, "script": str(script_path)})  # fmt: skip
+    for t in job.trials:
+        tid = f"{job_id}_{t.index}" if job.array is not None else job_id
+        log = job.log_dir / (f"{job_id}_{t.index}.out" if job.array is not None else f"{job_id}.out")
+        (t.run_dir / rundir.SLURM_DIR).mkdir(parents=True, exist_ok=True)
+        record(t.run_dir / rundir.SLURM_DIR / LEDGER, {"job_id": tid, "submitted_at": when,
+                                                       "script": str(script_path), "log": str(log),
+                                                       "cluster": job.cluster.name})  # fmt: skip
+    return job_id
+
+
+def main(argv: list[str]) -> int:
+    if any(a in ("-h", "--help") for a in argv):
+        print(USAGE, end="")
+        return 0
+    try:
+        opts = parse_args(argv)
+        sub = prepare(opts)
+    except UsageError as err:
+        print(f"error: {err} (see `trainer submit --help`)", file=sys.stderr)
+        return EXIT_CONFIG
+    except slurm.SchedulerError as err:
+        print(f"error: {err}", file=sys.stderr)
+        return EXIT_CONFIG
+    except Exception as exc:
+        line = describe(exc)
+        if line is None:
+            raise
+        print(f"error: {line}", file=sys.stderr)
+        return EXIT_CONFIG
+    if sub.job is None:
+        for note in sub.notes:
+            print(f"[INFO] {note}", file=sys.stderr)
+        print("nothing to submit: every run is finished", file=sys.stderr)
+        return 0
+    if opts.dry_run:
+        print(sub.script, end="")
+        for note in sub.notes:
+            print(f"[check] {note}", file=sys.stderr)
+        print("[check] dry run: nothing written, nothing submitted", file=sys.stderr)
+        return 0
+    try:
+        job_id = write_and_submit(sub, opts)
+    except slurm.SchedulerError as err:
+        print(f"error: {err}", file=sys.stderr)
+        return 1
+    job = sub.job
+    where = sub.sweep_dir or job.trials[0].run_dir
+    what = f"array of {len(job.trials)} trial(s)" if job.array is not None else "run"
+    print(f"submitted job {job_id} ({what}) to {job.cluster.name}: {job.what}")
+    print(f"  {'sweep dir' if sub.sweep_dir else 'run dir  '}  {where}")
+    print(f"  logs       {job.log_dir}")
+    print(f"  status     trainer status {where}")
+    return 0
