@@ -104,9 +104,14 @@ def expand(overrides: list[str], multirun: bool) -> tuple[list[list[str]], list[
     from hydra.core.override_parser.overrides_parser import OverridesParser
 
     parsed = OverridesParser.create().parse_overrides(overrides)
-    swept = [o.get_key_element() for o in parsed if o.is_sweep_override()]
-    if swept and not multirun:
-        raise ConfigError(swept[0], None, "one value per key (add -m to submit a sweep as a job array)")
+    sweeps = [o for o in parsed if o.is_sweep_override()]
+    swept = [o.get_key_element() for o in sweeps]
+    if sweeps and not multirun:
+        raise ConfigError(
+            swept[0],
+            sweeps[0].input_line.split("=", 1)[-1],
+            "one value (add -m to submit a sweep as a job array)",
+        )
     if not multirun:
         return [overrides], []
     batches = BasicSweeper.split_arguments(parsed, None)

@@ -244,8 +244,10 @@ def reachable() -> bool:
     """Whether a SLURM controller answers here (client commands installed and configured, daemon up)."""
     if shutil.which("sbatch") is None or shutil.which("scontrol") is None:
         return False
+    if os.environ.get("SLURM_CONF") and not os.path.isfile(os.environ["SLURM_CONF"]):
+        return False  # the clients would only fail after a slow DNS lookup for a configless setup
     try:
-        proc = _run(["scontrol", "ping"], timeout=15)
+        proc = _run(["scontrol", "ping"], timeout=10)
     except subprocess.TimeoutExpired:
         return False
     return proc.returncode == 0 and "UP" in proc.stdout

@@ -1,0 +1,155 @@
+"""`trainer submit` without a scheduler: rendered scripts (golden files), checks, quoting, no torch.
+
+The scheduler is made unreachable here (SLURM_CONF points nowhere), so these run on any machine; the
+tests against a real SLURM cluster are in test_slurm.py.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import stat
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+from conftest import REPO
+
+GOLDEN = REPO / "tests" / "golden" / "slurm"
+NO_SCHEDULER = {"SLURM_CONF": "/nonexistent/slurm.conf"}
+# Fixed paths so the rendered scripts do not depend on this machine (the working directory is replaced).
+FIXED = ["cluster=slurm", "cluster.python=/opt/venv/bin/python", "run.root=/scratch/runs"]
+
+
+def normalise(text: str, cwd: Path) -> str:
+    return text.replace(str(cwd), "<CWD>")
+
+
+def check_golden(name: str, text: str) -> None:
+    path = GOLDEN / name
+    if os.environ.get("UPDATE_GOLDEN"):
+        path.parent.mkdir(parents=True, exist_ok=True)
+        path.write_text(text)
+    expected = path.read_text()
+    assert text == expected, f"rendered script differs from {path} (UPDATE_GOLDEN=1 rewrites it after review)"
+
+
+@pytest.mark.unit
+def test_multi_node_gpu_job_matches_golden_file(cli, tmp_path):
+    res = cli("submit", "--dry-run", *FIXED, "strategy=ddp", "trainer.num_nodes=2", "trainer.devices=4",
+              "trainer.accelerator=gpu", "cluster.gpus_per_node=4", "precision=bf16-mixed",
+              "cluster.partition=gpu", "cluster.account=proj42", "cluster.time=2-00:00:00", "cluster.mem=0",
+              "cluster.modules=[cuda/12.4]", "cluster.setup=['source /opt/venv/bin/activate']",
+              "+cluster.env.NCCL_SOCKET_IFNAME=ib0", "cluster.sbatch=['--mail-type=END']",
+              "trainer.max_steps=1000", env=NO_SCHEDULER)  # fmt: skip
+    assert res.returncode == 0, res.output
+    check_golden("ddp_2nodes_4gpus.sbatch", normalise(res.stdout, tmp_path))
+    assert "dry run: nothing written" in res.stderr
+    assert not (tmp_path / "runs").exists() and not list(tmp_path.glob("*.sbatch"))
+    subprocess.run(["bash", "-n"], input=res.stdout, text=True, check=True)
+
+
+@pytest.mark.unit
+def test_sweep_array_matches_golden_file(cli, tmp_path):
+    res = cli("submit", "--dry-run", "-m", *FIXED, "experiment=digits_mlp", "optim.lr=0.01,0.001",
+              "model.hidden=[32],[64,64]", "cluster.array_parallelism=2", env=NO_SCHEDULER)  # fmt: skip
+    assert res.returncode == 0, res.output
+    text = normalise(res.stdout, tmp_path)
+    check_golden("sweep_array.sbatch", text)
+    assert "#SBATCH --array=0-3%2" in text
+    assert text.count(" trial=(") == 4
+
+
+@pytest.mark.unit
+@pytest.mark.parametrize(
+    ("args", "expected"),
+    [
+        (["cluster=local"], "cluster=local: expected a SLURM cluster profile"),
+        (["cluster=slurm", "trainer.devices=2"], "trainer.devices=2: expected 1 with strategy=auto"),
+        (["cluster=slurm", "trainer.num_nodes=2"], "trainer.num_nodes=2: expected 1 with strategy=auto"),
+        (["cluster=slurm", "strategy=ddp", "trainer.devices=2", "cluster.sbatch=['--ntasks-per-node=4']"],
+         "--ntasks-per-node comes from trainer.devices"),
+        (["cluster=slurm", "strategy=ddp", "trainer.num_nodes=2", "cluster.sbatch=['-N3']"],
+         "-N comes from trainer.num_nodes"),
+        (["cluster=slurm", "cluster.job_name=bash"], "cluster.job_name=bash: expected a name other than bash"),
+        (["cluster=slurm", "run.name=interactive"], "run.name=interactive: expected a name other than bash"),
+        (["cluster=slurm", "cluster.time=90min"], "cluster.time=90min: expected a Slurm time"),
+        (["cluster=slurm", "strategy=ddp", "trainer.devices=2", "trainer.accelerator=gpu",
+          "cluster.gpus_per_node=1"], "cluster.gpus_per_node=1: expected 2"),
+        (["cluster=slurm", "trainer.accelerator=gpu"], "cluster.gpus_per_node=0: expected 1"),
+        (["cluster=slurm", "precision=16-mixed"], "precision=16-mixed: expected 32, bf16-mixed or bf16-true on cpu"),
+        (["cluster=slurm", "cluster.signal=SIGUSR2"], "cluster.signal=SIGUSR2: expected one of checkpoint.save_on_signals"),
+        (["cluster=slurm", "+cluster.env.WANDB_API_KEY=abc123"], "cluster.env.WANDB_API_KEY=<hidden>: expected no secrets"),
+        (["cluster=slurm", "cluster.partition='gpu --qos=high'"], "cluster.partition='gpu --qos=high': expected a value without spaces"),
+        (["cluster=slurm", "optim.lr=1e-3,1e-4"], "optim.lr=1e-3,1e-4: expected one value (add -m"),
+        (["cluster=slurm", "cluster.nodes=2"], "cluster.nodes: unknown key"),
+        (["cluster=nosuch"], "cluster=nosuch"),
+        (["--nodes=2", "cluster=slurm"], "option '--nodes=2': expected --dry-run"),
+    ],
+)  # fmt: skip
+def test_bad_requests_fail_in_one_line_before_anything_is_written(cli, tmp_path, args, expected):
+    res = cli("submit", *args, env=NO_SCHEDULER)
+    assert res.returncode == 2, res.output
+    lines = res.stderr.strip().splitlines()
+    assert len(lines) == 1 and lines[0].startswith("error: "), res.stderr
+    assert expected in lines[0], lines[0]
+    assert not (tmp_path / "runs").exists()
+
+
+@pytest.mark.unit
+def test_control_characters_in_overrides_are_refused(cli, tmp_path):
+    res = cli("submit", "cluster=slurm", "logger=[csv,wandb]", "logger.wandb.notes='a\nb'", env=NO_SCHEDULER)
+    assert res.returncode == 2, res.output
+    assert "expected no control characters" in res.stderr
+    assert not (tmp_path / "runs").exists()
+
+
+HOSTILE = "a;b $(touch PWNED) `touch PWNED2` \"dq\" \\'sq\\' & | > x"
+
+
+@pytest.mark.unit
+def test_hostile_values_reach_the_job_literally(cli, tmp_path):
+    """Run the rendered script with a fake srun that records its arguments: the override arrives as one
+    argument, byte for byte, and nothing in it was executed."""
+    res = cli("submit", "--dry-run", *FIXED, "logger=[csv,wandb]", f"logger.wandb.notes='{HOSTILE}'",
+              env=NO_SCHEDULER)  # fmt: skip
+    assert res.returncode == 0, res.output
+    fake = tmp_path / "bin"
+    fake.mkdir()
+    (fake / "srun").write_text(
+        f"#!{sys.executable}\nimport json, sys\njson.dump(sys.argv[1:], open('argv.json', 'w'))\n"
+    )
+    (fake / "srun").chmod(stat.S_IRWXU)
+    script = tmp_path / "job.sbatch"
+    script.write_text(res.stdout)
+    env = dict(os.environ, PATH=f"{fake}:{os.environ['PATH']}", SLURM_JOB_ID="1")
+    subprocess.run(["bash", str(script)], cwd=tmp_path, env=env, check=True)
+    argv = json.loads((tmp_path / "argv.json").read_text())
+    assert f"logger.wandb.notes='{HOSTILE}'" in argv
+    assert argv[argv.index("-m") + 1 : argv.index("-m") + 3] == ["trainer", "train"]
+    assert not (tmp_path / "PWNED").exists() and not (tmp_path / "PWNED2").exists()
+
+
+@pytest.mark.unit
+def test_submit_and_status_do_not_import_torch(tmp_path):
+    code = (
+        "import sys, contextlib, io, os\n"
+        "os.environ['SLURM_CONF'] = '/nonexistent/slurm.conf'\n"
+        "from trainer.cli import main\n"
+        "with contextlib.redirect_stdout(io.StringIO()), contextlib.redirect_stderr(io.StringIO()):\n"
+        "    assert main(['submit', '--dry-run', 'cluster=slurm']) == 0\n"
+        "    assert main(['status', '.']) == 0\n"
+        "heavy = [m for m in ('torch', 'pytorch_lightning') if m in sys.modules]\n"
+        "assert not heavy, heavy\n"
+    )
+    subprocess.run([sys.executable, "-c", code], check=True, cwd=tmp_path)
+
+
+@pytest.mark.unit
+def test_array_indices_compress_to_slurm_syntax():
+    from trainer.launch.slurm import compress
+
+    assert compress([0, 1, 2, 3]) == "0-3"
+    assert compress([5, 0, 1, 3]) == "0-1,3,5"
+    assert compress([7]) == "7"
