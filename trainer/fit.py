@@ -7,6 +7,7 @@ run directory and prints.
 from __future__ import annotations
 
 import logging
+import signal
 import time
 import warnings
 from datetime import timedelta
@@ -261,6 +262,11 @@ def fit(
     # the others (--kill-on-bad-exit), so rank zero's record above must be written before anyone leaves.
     close_distributed()
     if stop is not None:
+        if trainer.world_size > 1:
+            # Every rank is about to exit with the same code. A launcher that ends the other ranks as soon as
+            # the first exits non-zero (srun --kill-on-bad-exit) must not turn that code into "killed by
+            # SIGTERM" (143), or the job would not be requeued.
+            signal.signal(signal.SIGTERM, signal.SIG_IGN)
         raise stop
     if trainer.is_global_zero:
         print_summary(summary)

@@ -1,0 +1,244 @@
+"""`trainer submit` against a real SLURM cluster: slurmctld + 2 slurmd from Debian's packages, brought up by
+scripts/slurm-test-cluster (one network namespace per node, so the 2 nodes are 2 hosts to the job).
+
+Jobs run the real `trainer train` under srun: a single-node run, 2-node DDP over gloo compared with a local
+2-process run, a preempted job that requeues itself and ends with the same weights as an uninterrupted run,
+and a sweep as one job array.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import re
+import shutil
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+import torch
+from conftest import REPO, read_metrics
+
+pytestmark = pytest.mark.slurm
+
+CLUSTER = REPO / "scripts" / "slurm-test-cluster"
+HELPERS = REPO / "tests" / "helpers"
+# A small MLP on the digits data (the faulty helper model, used here only for its step_sleep_s).
+MODEL = ["--config-dir", str(HELPERS / "conf"), "model=faulty", "data=digits", "data.batch_size=32",
+         "trainer.accelerator=cpu", "trainer.log_every_n_steps=1", "trainer.val_check_interval=1000",
+         "trainer.enable_progress_bar=false"]  # fmt: skip
+ON_CLUSTER = ["cluster=slurm", "cluster.cpus_per_task=1", "cluster.time=00:10:00"]
+
+
+@pytest.fixture(scope="session")
+def slurm_conf() -> str:
+    """Bring the test cluster up for the session (or use one that is already up) and take it down after."""
+    missing = [b for b in ("slurmctld", "slurmd", "sbatch", "munged") if shutil.which(b) is None]
+    why = "the SLURM tests need root" if os.geteuid() != 0 else None
+    why = why or (
+        f"missing {', '.join(missing)}: run scripts/slurm-test-cluster install" if missing else None
+    )
+    if why:
+        if os.environ.get("CI"):
+            pytest.fail(why)
+        pytest.skip(why)
+    env_line = subprocess.run([str(CLUSTER), "env"], capture_output=True, text=True, check=True).stdout
+    conf = env_line.strip().split("=", 1)[1]
+    already_up = subprocess.run([str(CLUSTER), "status"], capture_output=True).returncode == 0
+    if not already_up:
+        up = subprocess.run([str(CLUSTER), "up"], capture_output=True, text=True, timeout=120)
+        assert up.returncode == 0, up.stdout + up.stderr
+    yield conf
+    if not already_up:
+        subprocess.run([str(CLUSTER), "down"], capture_output=True, timeout=120)
+
+
+@pytest.fixture
+def env(tmp_path: Path, slurm_conf: str) -> dict:
+    e = dict(
+        os.environ, SLURM_CONF=slurm_conf, PYTHONPATH=str(HELPERS), PYTHONUNBUFFERED="1", TMPDIR=str(tmp_path)
+    )
+    for var in (
+        "RANK",
+        "LOCAL_RANK",
+        "WORLD_SIZE",
+        "SLURM_PROCID",
+        "SLURM_NTASKS",
+        "SLURM_JOB_ID",
+        "TRAINER_PLAN",
+    ):
+        e.pop(var, None)
+    return e
+
+
+def trainer(tmp_path: Path, env: dict, *args: str, timeout: float = 300) -> subprocess.CompletedProcess:
+    return subprocess.run([sys.executable, "-m", "trainer", *args], cwd=tmp_path, env=env,
+                          capture_output=True, text=True, timeout=timeout)  # fmt: skip
+
+
+def submit(tmp_path: Path, env: dict, *args: str) -> str:
+    res = trainer(tmp_path, env, "submit", *ON_CLUSTER, *args)
+    assert res.returncode == 0, res.stdout + res.stderr
+    match = re.search(r"submitted job (\S+)", res.stdout)
+    assert match, res.stdout
+    return match.group(1)
+
+
+def job(job_id: str, env: dict) -> list[dict[str, str]]:
+    out = subprocess.run(["scontrol", "show", "job", "-o", job_id], env=env, capture_output=True, text=True)
+    return [dict(w.split("=", 1) for w in line.split() if "=" in w) for line in out.stdout.splitlines()]
+
+
+def wait_done(job_id: str, env: dict, timeout: float = 240) -> list[dict[str, str]]:
+    """Wait until the job (every array task, every requeued attempt) has left the queue for good."""
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        records = job(job_id, env)
+        if records and all(r["JobState"] in ("COMPLETED", "FAILED", "CANCELLED", "TIMEOUT", "NODE_FAIL",
+                                             "OUT_OF_MEMORY") for r in records):  # fmt: skip
+            return records
+        time.sleep(0.5)
+    raise AssertionError(f"job {job_id} not done after {timeout}s: {job(job_id, env)}")
+
+
+def job_log(run_dir: Path, job_id: str) -> str:
+    return (run_dir / "slurm" / f"{job_id}.out").read_text()
+
+
+def final_weights(run_dir: Path) -> dict[str, torch.Tensor]:
+    return torch.load(run_dir / "checkpoints" / "last.ckpt", map_location="cpu", weights_only=True)[
+        "state_dict"
+    ]
+
+
+HOSTILE = 'a;b $(touch PWNED) `touch PWNED2` "dq" & | > x'
+
+
+def test_single_node_job_runs_and_status_reports_it(tmp_path, env):
+    args = [*MODEL, "trainer.max_steps=30", "run.name=single", "logger=[csv,wandb]",
+            f"logger.wandb.notes='{HOSTILE}'"]  # fmt: skip
+    started = time.monotonic()
+    job_id = submit(tmp_path, env, *args)
+    submit_s = time.monotonic() - started
+    assert job(job_id, env)[0]["JobState"] in ("PENDING", "RUNNING"), "submit must not wait for the job"
+    records = wait_done(job_id, env)
+    run_dir = tmp_path / "runs" / "single"
+    log = job_log(run_dir, job_id)
+    assert records[0]["JobState"] == "COMPLETED" and records[0]["ExitCode"] == "0:0", log
+    state = json.loads((run_dir / "run.json").read_text())
+    assert state["status"] == "finished" and state["attempts"][0]["slurm_job_id"] == job_id
+    assert "finished 30 steps on 1 process" in log
+    # The hostile value arrived as one literal string and nothing in it ran.
+    assert HOSTILE in (run_dir / "config.yaml").read_text()
+    assert not list(tmp_path.rglob("PWNED*"))
+    # No secret from the environment is written into the script.
+    script = next((run_dir / "slurm").glob("submit-*.sbatch")).read_text()
+    assert "WANDB_API_KEY" not in script
+
+    status = trainer(tmp_path, env, "status", str(run_dir))
+    assert status.returncode == 0, status.stderr
+    assert f"{job_id}  COMPLETED" in status.stdout and "restarts 0" in status.stdout, status.stdout
+    assert "step       30" in status.stdout and f"slurm/{job_id}.out" in status.stdout, status.stdout
+
+    again = trainer(tmp_path, env, "submit", *ON_CLUSTER, *args)
+    assert again.returncode == 0 and "nothing to submit" in again.stderr, again.stdout + again.stderr
+    print(f"submit returned in {submit_s:.2f}s")
+
+
+def test_two_node_ddp_trains_like_two_local_processes(tmp_path, env):
+    args = [*MODEL, "strategy=ddp", "trainer.max_steps=20"]
+    job_id = submit(tmp_path, env, *args, "trainer.num_nodes=2", "run.name=twonodes")
+    local = trainer(tmp_path, env, "train", *args, "trainer.devices=2", "run.name=local")
+    assert local.returncode == 0, local.stdout + local.stderr
+    records = wait_done(job_id, env)
+    run_dir = tmp_path / "runs" / "twonodes"
+    log = job_log(run_dir, job_id)
+    assert records[0]["JobState"] == "COMPLETED", log
+    assert records[0]["NodeList"] == "node[1-2]"
+    state = json.loads((run_dir / "run.json").read_text())
+    assert state["status"] == "finished" and state["attempts"][-1]["world_size"] == 2
+    assert log.count("finished 20 steps on 2 process(es)") == 1  # one summary: rank zero's
+    assert [int(r["step"]) for r in read_metrics(run_dir)] == list(
+        range(1, 21)
+    )  # one metrics file, every step
+    remote, here = final_weights(run_dir), final_weights(tmp_path / "runs" / "local")
+    for name, tensor in here.items():
+        torch.testing.assert_close(remote[name], tensor, rtol=0, atol=1e-6, msg=name)
+
+
+def test_preempted_job_requeues_itself_and_resumes_exactly(tmp_path, env):
+    args = [*MODEL, "strategy=ddp", "model.step_sleep_s=0.1", "trainer.max_steps=60",
+            "checkpoint.every_n_steps=1000"]  # fmt: skip
+    job_id = submit(tmp_path, env, *args, "trainer.num_nodes=2", "run.name=preempted")
+    run_dir = tmp_path / "runs" / "preempted"
+    deadline = time.monotonic() + 120
+    while time.monotonic() < deadline:
+        steps = [int(r["step"]) for r in read_metrics(run_dir)] if (run_dir / "metrics.csv").exists() else []
+        if steps and steps[-1] >= 10:
+            break
+        time.sleep(0.1)
+    else:
+        raise AssertionError(f"the job did not reach step 10: {job(job_id, env)}")
+    subprocess.run(["scancel", "--signal=USR1", job_id], env=env, check=True)
+    uninterrupted = trainer(tmp_path, env, "train", *args, "trainer.devices=2", "run.name=uninterrupted")
+    assert uninterrupted.returncode == 0, uninterrupted.stdout + uninterrupted.stderr
+
+    records = wait_done(job_id, env)
+    log = job_log(run_dir, job_id)
+    assert records[0]["JobState"] == "COMPLETED" and records[0]["Restarts"] == "1", log
+    assert f"requeued job {job_id} (requeue 1 of at most 3)" in log
+    state = json.loads((run_dir / "run.json").read_text())
+    first, second = state["attempts"]
+    assert first["status"] == "preempted" and second["action"] == "resume" and state["status"] == "finished"
+    saved_at = int(re.search(r"step-(\d+)\.ckpt", second["checkpoint"]).group(1))
+    assert 10 <= saved_at < 60
+    # Zero lost steps: every step is logged once, and the resumed attempt started where the first stopped.
+    assert [int(r["step"]) for r in read_metrics(run_dir)] == list(range(1, 61))
+    remote, here = final_weights(run_dir), final_weights(tmp_path / "runs" / "uninterrupted")
+    for name, tensor in here.items():
+        assert torch.equal(remote[name], tensor), name
+    print(f"requeue to resume: {second['started'] - first['ended']:.1f}s (preempted at step {saved_at})")
+
+
+def test_sweep_is_one_job_array_with_a_ledger(tmp_path, env):
+    job_id = submit(tmp_path, env, "-m", *MODEL, "trainer.max_steps=10", "optim.lr=0.01,0.001")
+    assert "_" not in job_id
+    sweeps = list((tmp_path / "runs").glob("sweep-*"))
+    assert len(sweeps) == 1
+    ledger = json.loads((sweeps[0] / "sweep.json").read_text())
+    assert [t["overrides"] for t in ledger["trials"]] == [["optim.lr=0.01"], ["optim.lr=0.001"]]
+    assert ledger["jobs"][0]["job_id"] == job_id and ledger["jobs"][0]["array"] == "0-1"
+    records = wait_done(job_id, env)
+    assert sorted(r.get("ArrayTaskId") for r in records) == ["0", "1"]
+    assert all(r["JobState"] == "COMPLETED" for r in records), records
+    for i, trial in enumerate(ledger["trials"]):
+        run_dir = Path(trial["run_dir"])
+        assert run_dir.parent == sweeps[0]
+        assert json.loads((run_dir / "run.json").read_text())["status"] == "finished"
+        jobs = json.loads((run_dir / "slurm" / "jobs.json").read_text())["jobs"]
+        assert jobs[-1]["job_id"] == f"{job_id}_{i}"
+    status = trainer(tmp_path, env, "status", str(sweeps[0]))
+    assert status.stdout.count("COMPLETED") == 2 and "0: optim.lr=0.01" in status.stdout, status.stdout
+    again = trainer(
+        tmp_path, env, "submit", *ON_CLUSTER, "-m", *MODEL, "trainer.max_steps=10", "optim.lr=0.01,0.001"
+    )
+    assert again.returncode == 0 and "nothing to submit" in again.stderr, again.stdout + again.stderr
+
+
+@pytest.mark.parametrize(
+    ("args", "expected"),
+    [
+        (["cluster.partition=nosuch"], "cluster.partition=nosuch: expected a partition that sinfo lists"),
+        (["strategy=ddp", "trainer.num_nodes=3"], "trainer.num_nodes=3: expected at most 2"),
+        (["strategy=ddp", "trainer.devices=1", "trainer.accelerator=gpu", "cluster.gpus_per_node=1"],
+         "cluster.gpus_per_node=1: expected 0 on partition debug"),
+        (["cluster.mem=100G"], "sbatch --test-only"),
+    ],
+)  # fmt: skip
+def test_requests_the_scheduler_cannot_run_are_refused_before_submitting(tmp_path, env, args, expected):
+    res = trainer(tmp_path, env, "submit", *ON_CLUSTER, *MODEL, *args)
+    assert res.returncode == 2, res.stdout + res.stderr
+    assert expected in res.stderr and len(res.stderr.strip().splitlines()) == 1, res.stderr
+    assert not (tmp_path / "runs").exists()
