@@ -21,8 +21,13 @@ quickstart: $(STAMP) ## set up, then train the default experiment (small GPT, ~1
 train: $(STAMP) ## train with Hydra overrides: make train ARGS="experiment=digits_mlp"
 	$(VENV)/bin/trainer train $(ARGS)
 
-test: $(STAMP) lint ## set up, lint, then run every test tier that needs no GPU (what CI runs)
+test: $(STAMP) lint slurm-deps ## set up, lint, then run every test tier that needs no GPU (what CI runs)
 	$(PY) -m pytest -m "not gpu" $(ARGS)
+
+# The slurm-marked tests bring up a real 2-node SLURM cluster on this machine (root, Debian's packages).
+# Where the packages cannot be installed (not root, not Debian) those tests are skipped, and say why.
+slurm-deps: ## install Debian's SLURM packages for the slurm tests (root only; no-op when present)
+	@scripts/slurm-test-cluster install || echo "note: SLURM packages not installed: the slurm tests will be skipped"
 
 test-unit: $(STAMP) ## only the fast unit tests
 	$(PY) -m pytest -m unit $(ARGS)
@@ -39,4 +44,4 @@ clean: ## remove caches (keeps .venv and runs/)
 	rm -rf .pytest_cache .ruff_cache build dist *.egg-info
 	find . -name __pycache__ -type d -prune -not -path './$(VENV)/*' -exec rm -rf {} +
 
-.PHONY: help setup quickstart train test test-unit lint format clean
+.PHONY: help setup quickstart train test test-unit slurm-deps lint format clean

@@ -290,9 +290,14 @@ def prepare(opts: Options) -> Submission | None:
                     f"the scheduler would not run this job (sbatch --test-only): {complaint}"
                 )
             notes.append("sbatch --test-only: the scheduler accepts the request")
-    else:
+    elif opts.dry_run:
         notes.append(
             "no SLURM controller answers here (scontrol ping): the scheduler did not check the request"
+        )
+    else:
+        raise slurm.SchedulerError(
+            "no SLURM controller answers here (scontrol ping): submit from a login node of the cluster, or "
+            "use --dry-run to see the script"
         )
     return Submission(job, script, notes, sweep_dir, trials)
 
@@ -305,11 +310,19 @@ def record(path: Path, entry: dict) -> None:
 
 def write_and_submit(sub: Submission, opts: Options) -> str:
     job = sub.job
+    created = [p for p in (job.log_dir, *job.log_dir.parents) if not p.exists()]
     job.log_dir.mkdir(parents=True, exist_ok=True)
     stamp = time.strftime("%Y%m%d-%H%M%S")
     script_path = job.log_dir / f"submit-{stamp}.sbatch"
     atomic_write_text(script_path, sub.script)
-    if sub.sweep_dir is not None:  # the ledger exists before the job, so a crash here loses nothing
+    try:
+        job_id = slurm.submit(script_path)
+    except slurm.SchedulerError:  # leave no trace of a job that does not exist
+        script_path.unlink()
+        for folder in created:
+            folder.rmdir()
+        raise
+    if sub.sweep_dir is not None:  # trial -> overrides, run dir; the jobs that ran them follow
         ledger_path = sub.sweep_dir / SWEEP_LEDGER
         ledger = rundir.read_json(ledger_path) or {"name": sub.sweep_dir.name, "jobs": []}
         ledger["overrides"] = opts.overrides
@@ -318,7 +331,6 @@ def write_and_submit(sub: Submission, opts: Options) -> str:
             for t in sub.sweep_trials
         ]
         atomic_write_text(ledger_path, json.dumps(ledger, indent=2) + "\n")
-    job_id = slurm.submit(script_path)
     when = time.strftime("%Y-%m-%dT%H:%M:%S")
     if sub.sweep_dir is not None:
         record(sub.sweep_dir / SWEEP_LEDGER, {"job_id": job_id, "array": slurm.compress(job.array or [0]),

@@ -110,7 +110,6 @@ def launched_externally() -> bool:
 
 def check(conf: TrainConfig) -> str:
     """Checks across slices and against this machine. Returns the accelerator Lightning should use."""
-    _check_portable(conf)
     trainer = conf.trainer
     if trainer.num_nodes > 1 and not launched_externally():
         raise ConfigError(
@@ -118,6 +117,7 @@ def check(conf: TrainConfig) -> str:
             trainer.num_nodes,
             "1 here (several nodes need a cluster launcher: `trainer submit` sends the run to SLURM)",
         )
+    _check_portable(conf)
     accelerator = resolve_accelerator(trainer.accelerator)
     available = _device_count(accelerator)
     if trainer.devices > available:
