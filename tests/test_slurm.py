@@ -107,6 +107,10 @@ def job_log(run_dir: Path, job_id: str) -> str:
     return (run_dir / "slurm" / f"{job_id}.out").read_text()
 
 
+def wandb_runs(run_dir: Path) -> list[Path]:
+    return sorted((run_dir / "wandb").glob("offline-run-*"))
+
+
 def final_weights(run_dir: Path) -> dict[str, torch.Tensor]:
     return torch.load(run_dir / "checkpoints" / "last.ckpt", map_location="cpu", weights_only=True)[
         "state_dict"
@@ -149,7 +153,7 @@ def test_single_node_job_runs_and_status_reports_it(tmp_path, env):
 
 def test_two_node_ddp_trains_like_two_local_processes(tmp_path, env):
     args = [*MODEL, "strategy=ddp", "trainer.max_steps=20"]
-    job_id = submit(tmp_path, env, *args, "trainer.num_nodes=2", "run.name=twonodes")
+    job_id = submit(tmp_path, env, *args, "trainer.num_nodes=2", "run.name=twonodes", "logger=[csv,wandb]")
     local = trainer(tmp_path, env, "train", *args, "trainer.devices=2", "run.name=local")
     assert local.returncode == 0, local.stdout + local.stderr
     records = wait_done(job_id, env)
@@ -160,9 +164,9 @@ def test_two_node_ddp_trains_like_two_local_processes(tmp_path, env):
     state = json.loads((run_dir / "run.json").read_text())
     assert state["status"] == "finished" and state["attempts"][-1]["world_size"] == 2
     assert log.count("finished 20 steps on 2 process(es)") == 1  # one summary: rank zero's
-    assert [int(r["step"]) for r in read_metrics(run_dir)] == list(
-        range(1, 21)
-    )  # one metrics file, every step
+    steps = [int(r["step"]) for r in read_metrics(run_dir)]
+    assert steps == list(range(1, 21))  # one metrics file, every step
+    assert len(wandb_runs(run_dir)) == 1  # one W&B run, made by rank zero only
     remote, here = final_weights(run_dir), final_weights(tmp_path / "runs" / "local")
     for name, tensor in here.items():
         torch.testing.assert_close(remote[name], tensor, rtol=0, atol=1e-6, msg=name)
@@ -171,7 +175,7 @@ def test_two_node_ddp_trains_like_two_local_processes(tmp_path, env):
 def test_preempted_job_requeues_itself_and_resumes_exactly(tmp_path, env):
     args = [*MODEL, "strategy=ddp", "model.step_sleep_s=0.1", "trainer.max_steps=60",
             "checkpoint.every_n_steps=1000"]  # fmt: skip
-    job_id = submit(tmp_path, env, *args, "trainer.num_nodes=2", "run.name=preempted")
+    job_id = submit(tmp_path, env, *args, "trainer.num_nodes=2", "run.name=preempted", "logger=[csv,wandb]")
     run_dir = tmp_path / "runs" / "preempted"
     deadline = time.monotonic() + 120
     while time.monotonic() < deadline:
@@ -196,6 +200,9 @@ def test_preempted_job_requeues_itself_and_resumes_exactly(tmp_path, env):
     assert 10 <= saved_at < 60
     # Zero lost steps: every step is logged once, and the resumed attempt started where the first stopped.
     assert [int(r["step"]) for r in read_metrics(run_dir)] == list(range(1, 61))
+    # Both attempts logged into the same W&B run (one offline folder per attempt, one run id).
+    attempts = wandb_runs(run_dir)
+    assert len(attempts) == 2 and len({p.name.rsplit("-", 1)[1] for p in attempts}) == 1, attempts
     remote, here = final_weights(run_dir), final_weights(tmp_path / "runs" / "uninterrupted")
     for name, tensor in here.items():
         assert torch.equal(remote[name], tensor), name
