@@ -48,6 +48,28 @@ def column(rows: list[dict[str, str]], key: str) -> list[float]:
     return [float(r[key]) for r in rows if r.get(key)]
 
 
+# What a launcher (ours, torchrun, srun) sets for its workers: a test's own runs must not inherit it from
+# whatever started pytest (pytest inside a SLURM job, say).
+LAUNCHER_VARS = (
+    "RANK",
+    "LOCAL_RANK",
+    "WORLD_SIZE",
+    "SLURM_PROCID",
+    "SLURM_NTASKS",
+    "SLURM_JOB_ID",
+    "TRAINER_PLAN",
+)
+
+
+def clean_env(tmp_path: Path, drop: tuple[str, ...] = (), **extra: str) -> dict:
+    """This process's environment for a test's subprocess: temp files in the test's folder, no launcher
+    variables (nor ``drop``), plus ``extra``."""
+    env = dict(os.environ, TMPDIR=str(tmp_path), PYTHONUNBUFFERED="1", **extra)
+    for var in (*LAUNCHER_VARS, *drop):
+        env.pop(var, None)
+    return env
+
+
 @pytest.fixture
 def cli(tmp_path: Path):
     """Run ``python -m trainer ...`` in ``tmp_path`` (or ``cwd``); returns a Result."""
@@ -55,14 +77,7 @@ def cli(tmp_path: Path):
     scratch.mkdir()
 
     def run(*args: str, cwd: Path | None = None, env: dict | None = None, timeout: float = 600) -> Result:
-        full_env = dict(os.environ)
-        full_env.update(
-            TMPDIR=str(scratch),
-            TORCHINDUCTOR_CACHE_DIR=str(scratch / "inductor"),
-            PYTHONUNBUFFERED="1",
-        )
-        for var in ("RANK", "LOCAL_RANK", "WORLD_SIZE", "SLURM_PROCID", "SLURM_NTASKS", "TRAINER_PLAN"):
-            full_env.pop(var, None)
+        full_env = clean_env(scratch, TORCHINDUCTOR_CACHE_DIR=str(scratch / "inductor"))
         full_env.update(env or {})
         where = cwd or tmp_path
         proc = subprocess.run(

@@ -12,7 +12,7 @@ from pathlib import Path
 
 import pytest
 import torch
-from conftest import REPO, read_metrics, start_train, wait_for_step, worker_pid
+from conftest import REPO, clean_env, read_metrics, start_train, wait_for_step, worker_pid
 
 HELPERS = REPO / "tests" / "helpers"
 FAULTY = ["--config-dir", str(HELPERS / "conf"), "model=faulty", "data=digits", "trainer.accelerator=cpu",
@@ -22,10 +22,7 @@ FAULTY = ["--config-dir", str(HELPERS / "conf"), "model=faulty", "data=digits", 
 
 @pytest.fixture
 def env(tmp_path: Path) -> dict:
-    e = dict(os.environ, TMPDIR=str(tmp_path), PYTHONPATH=str(HELPERS), PYTHONUNBUFFERED="1")
-    for var in ("RANK", "LOCAL_RANK", "WORLD_SIZE", "SLURM_PROCID", "SLURM_NTASKS", "TRAINER_PLAN"):
-        e.pop(var, None)
-    return e
+    return clean_env(tmp_path, PYTHONPATH=str(HELPERS))
 
 
 def run(tmp_path: Path, env: dict, *args: str, timeout: float = 300) -> subprocess.CompletedProcess:

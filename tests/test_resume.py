@@ -9,7 +9,7 @@ from pathlib import Path
 
 import pytest
 import torch
-from conftest import column, read_metrics, start_train, wait_for_step
+from conftest import clean_env, column, read_metrics, start_train, wait_for_step
 
 DIGITS = ["experiment=digits_mlp", "trainer.max_steps=120", "trainer.log_every_n_steps=1",
           "trainer.val_check_interval=25", "checkpoint.every_n_steps=7", "trainer.enable_progress_bar=false",
@@ -42,10 +42,7 @@ def assert_bitwise_equal(a: object, b: object, where: str = "") -> None:
 
 @pytest.fixture
 def env(tmp_path: Path) -> dict:
-    e = dict(os.environ, TMPDIR=str(tmp_path), OMP_NUM_THREADS="1", PYTHONUNBUFFERED="1")
-    for var in ("RANK", "LOCAL_RANK", "WORLD_SIZE", "SLURM_PROCID", "SLURM_NTASKS", "TRAINER_PLAN"):
-        e.pop(var, None)
-    return e
+    return clean_env(tmp_path, OMP_NUM_THREADS="1")
 
 
 def interrupted_run(

@@ -19,7 +19,7 @@ from pathlib import Path
 
 import pytest
 import torch
-from conftest import REPO, read_metrics
+from conftest import REPO, clean_env, read_metrics
 
 pytestmark = pytest.mark.slurm
 
@@ -57,20 +57,7 @@ def slurm_conf() -> str:
 
 @pytest.fixture
 def env(tmp_path: Path, slurm_conf: str) -> dict:
-    e = dict(
-        os.environ, SLURM_CONF=slurm_conf, PYTHONPATH=str(HELPERS), PYTHONUNBUFFERED="1", TMPDIR=str(tmp_path)
-    )
-    for var in (
-        "RANK",
-        "LOCAL_RANK",
-        "WORLD_SIZE",
-        "SLURM_PROCID",
-        "SLURM_NTASKS",
-        "SLURM_JOB_ID",
-        "TRAINER_PLAN",
-    ):
-        e.pop(var, None)
-    return e
+    return clean_env(tmp_path, SLURM_CONF=slurm_conf, PYTHONPATH=str(HELPERS))
 
 
 def trainer(tmp_path: Path, env: dict, *args: str, timeout: float = 300) -> subprocess.CompletedProcess:

@@ -3,14 +3,13 @@
 from __future__ import annotations
 
 import json
-import os
 import signal
 import subprocess
 import sys
 from pathlib import Path
 
 import pytest
-from conftest import column, read_metrics, start_train, wait_for_step
+from conftest import clean_env, column, read_metrics, start_train, wait_for_step
 
 WANDB = str(Path(sys.executable).parent / "wandb")
 DIGITS = ["experiment=digits_mlp", "logger=wandb", "trainer.enable_progress_bar=false", "trainer.accelerator=cpu",
@@ -20,18 +19,7 @@ SECRET = "k3y-that-must-not-leak-0123456789"
 
 @pytest.fixture
 def env(tmp_path: Path) -> dict:
-    e = dict(os.environ, TMPDIR=str(tmp_path), HOME=str(tmp_path), PYTHONUNBUFFERED="1", WANDB_API_KEY=SECRET)
-    for var in (
-        "RANK",
-        "LOCAL_RANK",
-        "WORLD_SIZE",
-        "SLURM_PROCID",
-        "SLURM_NTASKS",
-        "TRAINER_PLAN",
-        "WANDB_MODE",
-    ):
-        e.pop(var, None)
-    return e
+    return clean_env(tmp_path, drop=("WANDB_MODE",), HOME=str(tmp_path), WANDB_API_KEY=SECRET)
 
 
 def train(tmp_path: Path, env: dict, *args: str) -> subprocess.CompletedProcess:

@@ -23,7 +23,7 @@ from omegaconf import OmegaConf, open_dict
 from trainer import rundir
 from trainer.checkpoint.manifest import atomic_write_text
 from trainer.config import schema
-from trainer.config.errors import EXIT_CONFIG, ConfigError, describe
+from trainer.config.errors import EXIT_CONFIG, ConfigError, report
 from trainer.launch import slurm
 from trainer.launch.local import quote
 
@@ -359,11 +359,7 @@ def main(argv: list[str]) -> int:
         print(f"error: {err}", file=sys.stderr)
         return EXIT_CONFIG
     except Exception as exc:
-        line = describe(exc)
-        if line is None:
-            raise
-        print(f"error: {line}", file=sys.stderr)
-        return EXIT_CONFIG
+        return report(exc)
     if sub.job is None:
         for note in sub.notes:
             print(f"[INFO] {note}", file=sys.stderr)

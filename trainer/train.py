@@ -19,7 +19,7 @@ import hydra
 from omegaconf import DictConfig, OmegaConf
 
 from trainer.config import schema
-from trainer.config.errors import EXIT_CONFIG, describe
+from trainer.config.errors import EXIT_CONFIG, describe, report
 
 log = logging.getLogger("trainer")
 
@@ -83,11 +83,7 @@ def cli_main(args: list[str]) -> int:
             print(abort.message, file=sys.stderr)
         return abort.code
     except Exception as exc:
-        line = describe(exc)
-        if line is None:
-            raise
-        print(f"error: {line}", file=sys.stderr)
-        return EXIT_CONFIG
+        return report(exc)
     return 0
 
 

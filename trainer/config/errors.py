@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import dataclasses
 import re
+import sys
 
 EXIT_CONFIG = 2
 """Exit code for bad configuration or usage."""
@@ -45,6 +46,15 @@ def _show(value: object) -> str:
 _NOT_FOUND = re.compile(r"Could not find '([^']+)/([^']+)'")
 _OPTIONS = re.compile(r"Available options in '[^']+':\n((?:\t.*\n?)*)")
 _TYPES = {"Integer": "an integer", "Float": "a number", "Boolean": "true or false", "String": "a string"}
+
+
+def report(exc: Exception) -> int:
+    """Print a bad-input exception as its one line and return ``EXIT_CONFIG``; anything else propagates."""
+    line = describe(exc)
+    if line is None:
+        raise exc
+    print(f"error: {line}", file=sys.stderr)
+    return EXIT_CONFIG
 
 
 def describe(exc: BaseException) -> str | None:
