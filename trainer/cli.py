@@ -3,6 +3,7 @@
 trainer train [hydra overrides]     train (one process, or local DDP workers)
 trainer submit [overrides]          the same run (or a -m sweep) as a SLURM job
 trainer status [run or sweep dir]   where runs and their jobs stand
+trainer report <sweep or run dir>   a table and PNG plots
 """
 
 from __future__ import annotations
@@ -18,6 +19,7 @@ commands:
   submit    the same command as a SLURM job (sbatch), or a -m sweep as one job array;
             returns at once with the job id (`trainer submit --help`)
   status    runs, sweeps and their SLURM jobs: state, restarts, last step and metric, logs
+  report    a sweep's trials sorted by the objective, with PNG plots; or one run's curves
 
 examples:
   trainer train                                   # the default experiment: a small GPT on CPU
@@ -26,12 +28,14 @@ examples:
   trainer train --cfg job                         # print the composed config and exit
   trainer submit cluster=slurm trainer.num_nodes=2 strategy=ddp   # 2 nodes on SLURM
   trainer submit --dry-run cluster=slurm          # print the sbatch script and the checks
+  trainer train -m optim.lr=1e-3,3e-4 model.n_layer=2,4       # a 4-trial grid sweep here
   trainer status runs/                            # every run under runs/
+  trainer report runs/sweep-gpt_quickstart-<hash>  # trials sorted by val/loss, plots
 
 exit codes: 0 success, 2 bad configuration or usage, other: the training failed (see its output)
 """
 
-COMMANDS = ("train", "submit", "status")
+COMMANDS = ("train", "submit", "status", "report")
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -48,6 +52,10 @@ def main(argv: list[str] | None = None) -> int:
         from trainer.submit import main as submit_main
 
         return submit_main(rest)
+    if command == "report":
+        from trainer.sweep.report import main as report_main
+
+        return report_main(rest)
     if command == "status":
         from trainer.status import main as status_main
 

@@ -6,7 +6,9 @@ run directory and prints.
 
 from __future__ import annotations
 
+import json
 import logging
+import os
 import signal
 import time
 import warnings
@@ -38,6 +40,7 @@ from trainer.metrics.csv_logger import CSVMetricsLogger
 from trainer.metrics.progress import StepProgressBar
 from trainer.metrics.throughput import ThroughputMonitor
 from trainer.metrics.wandb_logger import SafeWandbLogger, build_wandb_logger
+from trainer.sweep import OPTUNA_ENV
 
 log = logging.getLogger("trainer")
 
@@ -127,6 +130,10 @@ def build_trainer(
     callbacks: list[pl.Callback] = [monitor, checkpointer]
     if trainer.enable_progress_bar:
         callbacks.append(StepProgressBar(trainer.log_every_n_steps))
+    if os.environ.get(OPTUNA_ENV):  # a trial of an Optuna sweep: report the objective, stop when pruned
+        from trainer.sweep.pruning import OptunaPruning
+
+        callbacks.append(OptunaPruning(json.loads(os.environ[OPTUNA_ENV])))
     plugins: list[Any] = [AtomicCheckpointIO()]
     from lightning_fabric.plugins.environments import SLURMEnvironment
 
@@ -248,7 +255,8 @@ def fit(
             EXIT_NONFINITE,
         )
     else:
-        state = "finished"
+        pruned = any(getattr(cb, "pruned", False) for cb in trainer.callbacks)
+        state = "pruned" if pruned else "finished"
         if (
             trainer.is_global_zero
             and wandb_logger is not None

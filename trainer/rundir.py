@@ -28,7 +28,7 @@ from trainer.secrets import redact, redact_override
 # Keys that say where or how a run is watched, not what is trained: they do not change its identity.
 IDENTITY_EXCLUDED = (
     "run", "resume", "logger", "checkpoint", "trainer.enable_progress_bar", "trainer.log_every_n_steps",
-    "data.num_workers", "strategy.timeout_s", "strategy.step_timeout_s", "cluster",
+    "data.num_workers", "strategy.timeout_s", "strategy.step_timeout_s", "cluster", "sweep",
 )  # fmt: skip
 # Keys that must match for a checkpoint in the run directory to be continued (others may change, e.g. a
 # longer max_steps continues a finished run).
@@ -286,3 +286,21 @@ def finish(paths: RunPaths, status: str, summary: dict | None = None) -> None:
     if summary is not None:
         state["summary"] = summary
     atomic_write_text(paths.state, json.dumps(state, indent=2))
+
+
+def last_metrics(path: Path, keys: tuple[str, ...] = ("train/loss", "val/loss")) -> dict:
+    """The newest step and the newest value of each of ``keys`` in a run's metrics.csv ({} if unreadable)."""
+    import csv
+
+    out: dict = {}
+    try:
+        with path.open(newline="") as f:
+            for row in csv.DictReader(f):
+                if row.get("step"):
+                    out["step"] = int(float(row["step"]))
+                for key in keys:
+                    if row.get(key):
+                        out[key] = float(row[key])
+    except (OSError, ValueError, csv.Error):
+        pass
+    return out

@@ -7,7 +7,6 @@ step and losses); its ``slurm/jobs.json`` says which jobs ran it, and the schedu
 
 from __future__ import annotations
 
-import csv
 import sys
 from pathlib import Path
 
@@ -24,23 +23,7 @@ where the job's log is.
 """
 
 
-def last_metrics(path: Path) -> dict:
-    """The newest step, train loss and val loss in a run's metrics.csv."""
-    out: dict = {}
-    try:
-        with path.open(newline="") as f:
-            for row in csv.DictReader(f):
-                if row.get("step"):
-                    out["step"] = int(float(row["step"]))
-                for key in ("train/loss", "val/loss"):
-                    if row.get(key):
-                        out[key] = float(row[key])
-    except (OSError, ValueError, csv.Error):
-        pass
-    return out
-
-
-def run_status(run_dir: Path) -> dict:
+def run_status(run_dir: Path, extra: tuple[str, ...] = ()) -> dict:
     state = rundir.read_json(run_dir / rundir.STATE_FILE) or {}
     jobs = (rundir.read_json(run_dir / rundir.SLURM_DIR / LEDGER) or {}).get("jobs", [])
     info: dict = {
@@ -48,7 +31,7 @@ def run_status(run_dir: Path) -> dict:
         "dir": str(run_dir),
         "state": state.get("status"),
     }
-    info.update(last_metrics(run_dir / rundir.METRICS_FILE))
+    info.update(rundir.last_metrics(run_dir / rundir.METRICS_FILE, ("train/loss", "val/loss", *extra)))
     if jobs:
         job = jobs[-1]
         info["job"], info["log"] = job["job_id"], job.get("log")
@@ -71,14 +54,18 @@ def fmt(value: object, spec: str = "") -> str:
     return format(value, spec) if spec else str(value)
 
 
-def print_table(rows: list[dict], first: str = "RUN") -> None:
-    header = [first, "STATE", "JOB", "JOB STATE", "RESTARTS", "STEP", "TRAIN LOSS", "VAL LOSS"]
-    table = [header] + [
-        [r.get("label", r["name"]), fmt(r.get("state")), fmt(r.get("job")), fmt(r.get("job_state")),
-         fmt(r.get("restarts")), fmt(r.get("step")), fmt(r.get("train/loss"), ".4f"), fmt(r.get("val/loss"), ".4f")]
-        for r in rows
-    ]  # fmt: skip
-    widths = [max(len(row[i]) for row in table) for i in range(len(header))]
+def print_table(rows: list[dict], first: str = "RUN", metric: str | None = None) -> None:
+    """One line per run; the job columns only where some run has a SLURM job."""
+    columns = [(first, lambda r: r.get("label", r["name"])), ("STATE", lambda r: fmt(r.get("state")))]
+    if any(r.get("job") for r in rows):
+        columns += [("JOB", lambda r: fmt(r.get("job"))), ("JOB STATE", lambda r: fmt(r.get("job_state"))),
+                    ("RESTARTS", lambda r: fmt(r.get("restarts")))]  # fmt: skip
+    columns += [("STEP", lambda r: fmt(r.get("step"))), ("TRAIN LOSS", lambda r: fmt(r.get("train/loss"), ".4f")),
+                ("VAL LOSS", lambda r: fmt(r.get("val/loss"), ".4f"))]  # fmt: skip
+    if metric and metric not in ("train/loss", "val/loss"):
+        columns.append((metric.upper(), lambda r: fmt(r.get(metric), ".4f")))
+    table = [[name for name, _ in columns]] + [[cell(r) for _, cell in columns] for r in rows]
+    widths = [max(len(row[i]) for row in table) for i in range(len(columns))]
     for row in table:
         print("  ".join(cell.ljust(w) for cell, w in zip(row, widths, strict=True)).rstrip())
 
@@ -104,12 +91,15 @@ def show_sweep(sweep_dir: Path) -> None:
     jobs = ledger.get("jobs", [])
     print(f"sweep {ledger.get('name', sweep_dir.name)}  ({sweep_dir}): {len(trials)} trials"
           + (f", last job {jobs[-1]['job_id']} (array {jobs[-1].get('array')})" if jobs else ""))  # fmt: skip
+    metric = ledger.get("metric")
     rows = []
     for t in trials:
-        r = run_status(Path(t["run_dir"]))
+        r = run_status(Path(t["run_dir"]), (metric,) if metric else ()) if t.get("run_dir") else {"name": "-"}
+        if t.get("state") in ("pruned", "failed", "interrupted", "pending") or not r.get("state"):
+            r["state"] = t.get("state")  # what the sweep knows beyond the run's own record
         r["label"] = f"{t['index']}: {' '.join(t.get('overrides', [])) or r['name']}"
         rows.append(r)
-    print_table(rows, first="TRIAL")
+    print_table(rows, first="TRIAL", metric=metric)
 
 
 def main(argv: list[str]) -> int:

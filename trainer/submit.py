@@ -10,22 +10,18 @@ Imports no torch or Lightning.
 from __future__ import annotations
 
 import dataclasses
-import hashlib
 import json
-import os
-import re
 import sys
 import time
 from pathlib import Path
-
-from omegaconf import OmegaConf, open_dict
 
 from trainer import rundir
 from trainer.checkpoint.manifest import atomic_write_text
 from trainer.config import schema
 from trainer.config.errors import EXIT_CONFIG, ConfigError, report
 from trainer.launch import slurm
-from trainer.launch.local import quote
+from trainer.sweep import ledger
+from trainer.sweep.trials import compose, pinned_args, plan_sweep, single
 
 USAGE = """\
 usage: trainer submit [--dry-run] [-m] [-cd DIR] [key=value ...]
@@ -46,7 +42,7 @@ examples:
 """
 
 LEDGER = "jobs.json"
-SWEEP_LEDGER = "sweep.json"
+SWEEP_LEDGER = ledger.FILE
 
 
 class UsageError(Exception):
@@ -83,91 +79,6 @@ def parse_args(argv: list[str]) -> Options:
     return opts
 
 
-@dataclasses.dataclass
-class Composed:
-    """One trial, composed and checked."""
-
-    conf: schema.TrainConfig
-    resolved: dict
-    paths: rundir.RunPaths
-    plan: rundir.Plan
-    task_overrides: list[str]
-    experiment: str | None
-
-
-# ---------------------------------------------------------------------------------------------- compose
-
-
-def expand(overrides: list[str], multirun: bool) -> tuple[list[list[str]], list[str]]:
-    """Hydra's own sweep expansion: the trials' override lists, and the keys the sweep varies."""
-    from hydra._internal.core_plugins.basic_sweeper import BasicSweeper
-    from hydra.core.override_parser.overrides_parser import OverridesParser
-
-    parsed = OverridesParser.create().parse_overrides(overrides)
-    sweeps = [o for o in parsed if o.is_sweep_override()]
-    swept = [o.get_key_element() for o in sweeps]
-    if sweeps and not multirun:
-        raise ConfigError(
-            swept[0],
-            sweeps[0].input_line.split("=", 1)[-1],
-            "one value (add -m to submit a sweep as a job array)",
-        )
-    if not multirun:
-        return [overrides], []
-    batches = BasicSweeper.split_arguments(parsed, None)
-    return [list(t) for t in batches[0]], swept
-
-
-def compose(overrides: list[str], config_dir: str | None, run_root: Path | None) -> Composed:
-    from hydra import compose as hydra_compose
-
-    from trainer.config.validate import check_components, check_for_cluster, to_typed
-
-    extra = [f"hydra.searchpath=[file://{os.path.abspath(config_dir)}]"] if config_dir else []
-    cfg = hydra_compose("train", overrides=overrides + extra, return_hydra_config=True)
-    hydra_node = cfg.hydra
-    choices, task = hydra_node.runtime.choices, list(hydra_node.overrides.task)
-    with open_dict(cfg):
-        del cfg["hydra"]
-        if run_root is not None:
-            cfg.run.root = str(run_root)
-    check_components(cfg, choices)
-    conf = to_typed(cfg)
-    check_for_cluster(conf)
-    resolved = OmegaConf.to_container(cfg, resolve=True)
-    experiment = choices.get("experiment")
-    paths = rundir.resolve_paths(resolved, experiment)
-    paths = rundir.RunPaths(paths.name, Path(os.path.abspath(paths.dir)))
-    plan = rundir.plan(
-        paths, resolved, conf.resume, rank_zero=True, allow_config_change=conf.checkpoint.allow_config_change
-    )
-    slurm.check_words("run.name", [paths.name])
-    return Composed(conf, resolved, paths, plan, task, experiment)
-
-
-def sweep_name(experiment: str | None, overrides: list[str]) -> str:
-    """Stable for the same sweep command, so submitting it again finds the same sweep directory."""
-    digest = hashlib.sha256(json.dumps(overrides).encode()).hexdigest()[:8]
-    return f"sweep-{experiment or 'run'}-{digest}"
-
-
-def pinned_args(c: Composed, config_dir: str | None, extra: list[str]) -> list[str]:
-    """The job's arguments: config dir, the trial's overrides, and its identity spelled out, so every task
-    and every requeued attempt agrees on the run directory."""
-    flags = ["--config-dir", os.path.abspath(config_dir)] if config_dir else []
-    own = [
-        o
-        for o in c.task_overrides
-        if o.split("=", 1)[0].lstrip("+~") not in ("run.name", "run.dir", "run.root")
-    ]
-    return flags + own + extra + [f"run.name={plain(c.paths.name)}", f"run.dir={plain(str(c.paths.dir))}"]
-
-
-def plain(value: str) -> str:
-    """A Hydra override value taken literally: as is when it is a plain word or path, else quoted."""
-    return value if re.fullmatch(r"[A-Za-z_/][A-Za-z0-9_./-]*", value) else quote(value)
-
-
 def previous_job(run_dir: Path) -> tuple[str, str] | None:
     """The job of this run still in the queue, as (job id, state): two jobs must never share a run dir."""
     jobs = (rundir.read_json(run_dir / rundir.SLURM_DIR / LEDGER) or {}).get("jobs", [])
@@ -189,6 +100,9 @@ class Submission:
     sweep_dir: Path | None
     sweep_trials: list[slurm.Trial]
     """Every trial of a sweep (finished ones included), for the ledger."""
+    kind: str = "grid"
+    metric: str = "val/loss"
+    direction: str = "minimize"
 
 
 def prepare(opts: Options) -> Submission | None:
@@ -203,21 +117,19 @@ def prepare(opts: Options) -> Submission | None:
     slurm.check_words("overrides", overrides)
     notes: list[str] = []
     with initialize_config_dir(config_dir=conf_dir(), version_base="1.3"):
-        trial_overrides, swept = expand(overrides, opts.multirun)
-        first = compose(trial_overrides[0], opts.config_dir, None)
-        sweep_dir = None
-        if swept:
-            if first.resolved["run"].get("dir"):
-                raise ConfigError(
-                    "run.dir", first.resolved["run"]["dir"], "unset in a sweep (each trial gets its own)"
-                )
-            name = sweep_name(first.experiment, overrides)
-            sweep_dir = Path(os.path.abspath(Path(first.resolved["run"]["root"]) / name))
-            composed = [compose(t, opts.config_dir, sweep_dir) for t in trial_overrides]
+        if opts.multirun:
+            sweep = plan_sweep(overrides, opts.config_dir, "cluster")
+            if sweep.settings.kind == "optuna":
+                raise ConfigError("sweep.kind", "optuna", "grid or random with trainer submit (an Optuna "
+                                  "sweep runs its trials from `trainer train -m sweep=optuna`)")  # fmt: skip
+            composed, sweep_dir = sweep.composed, sweep.dir
         else:
-            composed = [first]
+            single(overrides)
+            composed, sweep_dir, sweep = [compose(overrides, opts.config_dir, None)], None, None
 
     base = composed[0].conf
+    settings = sweep.settings if sweep else base.sweep
+    sweep_facts = (settings.kind, settings.metric, settings.direction)
     for i, c in enumerate(composed[1:], start=1):
         for key, a, b in (
             ("cluster", dataclasses.asdict(base.cluster), dataclasses.asdict(c.conf.cluster)),
@@ -228,20 +140,13 @@ def prepare(opts: Options) -> Submission | None:
                 raise ConfigError(
                     key, None, f"the same value in every trial of one job array (trial {i} differs)"
                 )
-    dirs = [c.paths.dir for c in composed]
-    for i, d in enumerate(dirs):
-        if d in dirs[:i]:
-            raise ConfigError(
-                "run.name", composed[i].paths.name,
-                f"a different run for each trial (trials {dirs.index(d)} and {i} resolve to {d})",
-            )  # fmt: skip
 
     trials, todo = [], []
     for i, c in enumerate(composed):
         extra = []
         if sweep_dir is not None and c.conf.logger.wandb is not None and not c.conf.logger.wandb.group:
             extra.append(f"logger.wandb.group={sweep_dir.name}")  # one W&B group per sweep
-        own = [o for o in trial_overrides[i] if o.split("=", 1)[0].lstrip("+~") in swept]
+        own = sweep.own(i) if sweep else []
         trials.append(slurm.Trial(i, own, pinned_args(c, opts.config_dir, extra), c.paths.name, c.paths.dir))
         notes += [f"{c.paths.name}: {n}" for n in c.plan.notes]
         if c.plan.action == "done":
@@ -259,7 +164,7 @@ def prepare(opts: Options) -> Submission | None:
         )
         todo.append(trials[-1])
     if not todo:
-        return Submission(None, "", notes, sweep_dir, trials)  # type: ignore[arg-type]
+        return Submission(None, "", notes, sweep_dir, trials, *sweep_facts)  # type: ignore[arg-type]
 
     cluster = base.cluster
     slurm.check_extra_options(cluster)
@@ -299,7 +204,7 @@ def prepare(opts: Options) -> Submission | None:
             "no SLURM controller answers here (scontrol ping): submit from a login node of the cluster, or "
             "use --dry-run to see the script"
         )
-    return Submission(job, script, notes, sweep_dir, trials)
+    return Submission(job, script, notes, sweep_dir, trials, *sweep_facts)
 
 
 def record(path: Path, entry: dict) -> None:
@@ -322,19 +227,18 @@ def write_and_submit(sub: Submission, opts: Options) -> str:
         for folder in created:
             folder.rmdir()
         raise
-    if sub.sweep_dir is not None:  # trial -> overrides, run dir; the jobs that ran them follow
-        ledger_path = sub.sweep_dir / SWEEP_LEDGER
-        ledger = rundir.read_json(ledger_path) or {"name": sub.sweep_dir.name, "jobs": []}
-        ledger["overrides"] = opts.overrides
-        ledger["trials"] = [
-            {"index": t.index, "overrides": t.overrides, "run_name": t.run_name, "run_dir": str(t.run_dir)}
-            for t in sub.sweep_trials
-        ]
-        atomic_write_text(ledger_path, json.dumps(ledger, indent=2) + "\n")
     when = time.strftime("%Y-%m-%dT%H:%M:%S")
-    if sub.sweep_dir is not None:
-        record(sub.sweep_dir / SWEEP_LEDGER, {"job_id": job_id, "array": slurm.compress(job.array or [0]),
-                                              "submitted_at": when, "script": str(script_path)})  # fmt: skip
+    if sub.sweep_dir is not None:  # trial -> overrides, run dir; and the array job that runs them
+        with ledger.locked(sub.sweep_dir) as data:
+            data.update(name=sub.sweep_dir.name, overrides=opts.overrides, kind=sub.kind,
+                        metric=sub.metric, direction=sub.direction)  # fmt: skip
+            for t in sub.sweep_trials:
+                entry = ledger.trial(data, t.index)
+                entry.update(overrides=t.overrides, run_name=t.run_name, run_dir=str(t.run_dir))
+                if t in job.trials:
+                    entry.update(state="submitted", job_id=f"{job_id}_{t.index}")
+            data["jobs"].append({"job_id": job_id, "array": slurm.compress(job.array or [0]),
+                                 "submitted_at": when, "script": str(script_path)})  # fmt: skip
     for t in job.trials:
         tid = f"{job_id}_{t.index}" if job.array is not None else job_id
         log = job.log_dir / (f"{job_id}_{t.index}.out" if job.array is not None else f"{job_id}.out")

@@ -67,6 +67,10 @@ def quote_numeric_choices(args: list[str], groups: list[str]) -> list[str]:
 
 
 def cli_main(args: list[str]) -> int:
+    if "-m" in args or "--multirun" in args:  # a sweep: our own runner, one process per trial
+        from trainer.sweep.local import main as sweep_main
+
+        return sweep_main(args)
     groups = [p.name for p in Path(conf_dir()).iterdir() if p.is_dir()]
     args = quote_numeric_choices(args, groups)
     _ARGV[:] = args

@@ -579,6 +579,54 @@ class ClusterConfig:
                 )  # fmt: skip
 
 
+# ---------------------------------------------------------------------------------------------- sweep
+
+
+@dataclass
+class SweepConfig:
+    """How ``trainer train -m`` (and ``trainer submit -m``) runs a sweep. Used only with ``-m``."""
+
+    kind: str = "grid"
+    """``grid``: every combination of the swept values; ``random``: ``num_trials`` samples of them;
+    ``optuna``: ``num_trials`` trials chosen by Optuna (TPE by default), with pruning."""
+    num_trials: int | None = None
+    """How many trials a ``random`` or ``optuna`` sweep runs (a grid runs every combination)."""
+    parallel: int = 1
+    """Trials run at once here (each a separate ``trainer train`` process); on SLURM see
+    ``cluster.array_parallelism``. On CPU each gets ``cores / parallel`` threads."""
+    seed: int = 0
+    """Seed of the random sampling (``random``) or of Optuna's sampler."""
+    metric: str = "val/loss"
+    """The objective: a metric of the trial's run (its last logged value)."""
+    direction: str = "minimize"
+    """``minimize`` or ``maximize`` the objective."""
+    sampler: str = "tpe"
+    """Optuna's sampler: ``tpe`` or ``random``."""
+    pruner: str = "median"
+    """Optuna's pruner: ``median`` (stop a trial whose intermediate objective is worse than the median of
+    earlier trials at the same step) or ``none``."""
+    pruner_startup_trials: int = 2
+    """``median``: no pruning until this many trials have finished."""
+    pruner_warmup_steps: int = 0
+    """``median``: no pruning before this training step."""
+    name: str | None = None
+    """The sweep's directory name under ``run.root``; ``null``: derived from the experiment and the sweep's
+    overrides, so the same command finds the same sweep again (and resumes it)."""
+
+    def __post_init__(self) -> None:
+        _one_of("kind", self.kind, ("grid", "random", "optuna"))
+        if self.num_trials is not None:
+            _positive("num_trials", self.num_trials)
+        _positive("parallel", self.parallel)
+        _one_of("direction", self.direction, ("minimize", "maximize"))
+        _one_of("sampler", self.sampler, ("tpe", "random"))
+        _one_of("pruner", self.pruner, ("median", "none"))
+        _non_negative("pruner_startup_trials", self.pruner_startup_trials)
+        _non_negative("pruner_warmup_steps", self.pruner_warmup_steps)
+        if self.name is not None and ("/" in self.name or self.name in (".", "..")):
+            raise ConfigError("name", self.name, "a directory name without '/'")
+
+
 # ---------------------------------------------------------------------------------------------- root
 
 
@@ -603,6 +651,7 @@ class TrainConfig:
     logger: LoggerConfig = field(default_factory=LoggerConfig)
     checkpoint: CheckpointConfig = field(default_factory=CheckpointConfig)
     cluster: ClusterConfig = field(default_factory=ClusterConfig)
+    sweep: SweepConfig = field(default_factory=SweepConfig)
 
 
 def register() -> None:

@@ -62,7 +62,7 @@ def free_port() -> int:
         return s.getsockname()[1]
 
 
-def _die_with_parent() -> None:
+def die_with_parent() -> None:
     """In the child, before exec: receive SIGTERM when the launcher dies, however it dies (Linux only)."""
     os.setsid()
     if sys.platform.startswith("linux"):
@@ -91,7 +91,7 @@ def run_workers(hydra_args: list[str], nproc: int, plan: dict, grace_s: float = 
         # Share the cores instead of every rank starting a thread per core.
         env.setdefault("OMP_NUM_THREADS", str(threads))
         cmd = [sys.executable, "-m", "trainer", "train", *hydra_args]
-        procs.append(subprocess.Popen(cmd, env=env, preexec_fn=_die_with_parent))
+        procs.append(subprocess.Popen(cmd, env=env, preexec_fn=die_with_parent))
 
     def forward(signum: int, frame: object) -> None:
         for p in procs:

@@ -1,0 +1,74 @@
+"""A sweep's ledger: ``<sweep dir>/sweep.json``, trial -> overrides, run dir, state, objective, jobs.
+
+Several processes may write it at once (Optuna workers, a local run beside a status query), so every change
+is a read-modify-write under an exclusive lock on ``.sweep.lock``, and the file is replaced atomically.
+Readers without the lock always see a whole file.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import fcntl
+import json
+import os
+import socket
+import time
+from collections.abc import Iterator
+from pathlib import Path
+
+from trainer import rundir
+from trainer.checkpoint.manifest import atomic_write_text
+
+FILE = "sweep.json"
+LOCK = ".sweep.lock"
+
+# Trial states. A trial is done when finished or pruned; failed trials are reported and not retried.
+DONE = ("finished", "pruned")
+
+
+def read(sweep_dir: Path) -> dict:
+    return rundir.read_json(sweep_dir / FILE) or {}
+
+
+@contextlib.contextmanager
+def locked(sweep_dir: Path) -> Iterator[dict]:
+    """The ledger, to change in place; written back (atomically) when the block ends without error."""
+    sweep_dir.mkdir(parents=True, exist_ok=True)
+    with open(sweep_dir / LOCK, "a") as lock:
+        fcntl.flock(lock, fcntl.LOCK_EX)
+        try:
+            data = read(sweep_dir)
+            data.setdefault("trials", [])
+            data.setdefault("jobs", [])
+            yield data
+            atomic_write_text(sweep_dir / FILE, json.dumps(data, indent=2) + "\n")
+        finally:
+            fcntl.flock(lock, fcntl.LOCK_UN)
+
+
+def trial(data: dict, index: int) -> dict:
+    """The entry of trial ``index`` (created if new)."""
+    for entry in data["trials"]:
+        if entry["index"] == index:
+            return entry
+    entry = {"index": index}
+    data["trials"].append(entry)
+    data["trials"].sort(key=lambda e: e["index"])
+    return entry
+
+
+def me() -> dict:
+    """Who runs a trial: a worker that died leaves its trials to be picked up again."""
+    return {"host": socket.gethostname(), "pid": os.getpid(), "since": time.time()}
+
+
+def owner_alive(entry: dict) -> bool:
+    """Whether the process that claimed a running trial still runs (unknowable on another host: assume so)."""
+    owner = entry.get("owner") or {}
+    if owner.get("host") != socket.gethostname():
+        return bool(owner)
+    try:
+        os.kill(int(owner["pid"]), 0)
+    except (OSError, KeyError, ValueError):
+        return False
+    return True
