@@ -236,3 +236,28 @@ def test_requests_the_scheduler_cannot_run_are_refused_before_submitting(tmp_pat
     assert res.returncode == 2, res.stdout + res.stderr
     assert expected in res.stderr and len(res.stderr.strip().splitlines()) == 1, res.stderr
     assert not (tmp_path / "runs").exists()
+
+
+def test_optuna_sweep_runs_as_array_tasks_sharing_one_study(tmp_path, env):
+    import optuna
+    from optuna.storages import JournalStorage
+    from optuna.storages.journal import JournalFileBackend
+
+    job_id = submit(tmp_path, env, "-m", *MODEL, "sweep=optuna", "sweep.num_trials=3", "sweep.parallel=2",
+                    "sweep.pruner=none", "trainer.max_steps=10", "trainer.val_check_interval=5",
+                    "optim.lr=tag(log,interval(1e-3,1e-1))")  # fmt: skip
+    records = wait_done(job_id, env)
+    sweep = next((tmp_path / "runs").glob("sweep-*"))
+    logs = "".join(p.read_text() for p in (sweep / "slurm").glob("*.out"))
+    assert sorted(r.get("ArrayTaskId") for r in records) == ["0", "1"], records
+    assert all(r["JobState"] == "COMPLETED" for r in records), logs
+    study = optuna.load_study(
+        study_name=sweep.name, storage=JournalStorage(JournalFileBackend(str(sweep / "optuna.journal")))
+    )
+    assert [t.state for t in study.get_trials()] == [optuna.trial.TrialState.COMPLETE] * 3, logs
+    entries = json.loads((sweep / "sweep.json").read_text())["trials"]
+    owners = {(e["owner"]["host"], e["owner"]["pid"]) for e in entries}
+    assert len(owners) == 2, entries  # both array tasks took trials
+    assert all(
+        json.loads((Path(e["run_dir"]) / "run.json").read_text())["status"] == "finished" for e in entries
+    )

@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import dataclasses
 import json
+import os
 import sys
 import time
 from pathlib import Path
@@ -21,7 +22,7 @@ from trainer.config import schema
 from trainer.config.errors import EXIT_CONFIG, ConfigError, report
 from trainer.launch import slurm
 from trainer.sweep import ledger
-from trainer.sweep.trials import compose, pinned_args, plan_sweep, single
+from trainer.sweep.trials import SweepPlan, compose, pinned_args, plain, plan_sweep, single
 
 USAGE = """\
 usage: trainer submit [--dry-run] [-m] [-cd DIR] [key=value ...]
@@ -119,9 +120,6 @@ def prepare(opts: Options) -> Submission | None:
     with initialize_config_dir(config_dir=conf_dir(), version_base="1.3"):
         if opts.multirun:
             sweep = plan_sweep(overrides, opts.config_dir, "cluster")
-            if sweep.settings.kind == "optuna":
-                raise ConfigError("sweep.kind", "optuna", "grid or random with trainer submit (an Optuna "
-                                  "sweep runs its trials from `trainer train -m sweep=optuna`)")  # fmt: skip
             composed, sweep_dir = sweep.composed, sweep.dir
         else:
             single(overrides)
@@ -142,7 +140,10 @@ def prepare(opts: Options) -> Submission | None:
                 )
 
     trials, todo = [], []
-    for i, c in enumerate(composed):
+    if sweep is not None and settings.kind == "optuna":
+        todo = trials = optuna_workers(sweep, overrides, opts.config_dir)
+        notes.append(f"{len(todo)} array task(s), each an Optuna worker sharing {sweep.dir}/optuna.journal")
+    for i, c in enumerate(composed if not todo else []):
         extra = []
         if sweep_dir is not None and c.conf.logger.wandb is not None and not c.conf.logger.wandb.group:
             extra.append(f"logger.wandb.group={sweep_dir.name}")  # one W&B group per sweep
@@ -167,6 +168,14 @@ def prepare(opts: Options) -> Submission | None:
         return Submission(None, "", notes, sweep_dir, trials, *sweep_facts)  # type: ignore[arg-type]
 
     cluster = base.cluster
+    tasks_per_node = base.trainer.devices
+    if settings.kind == "optuna" and sweep is not None:
+        if base.trainer.num_nodes > 1:
+            raise ConfigError("trainer.num_nodes", base.trainer.num_nodes, "1 in an Optuna sweep on SLURM (each "
+                              "array task is one worker on one node)")  # fmt: skip
+        # One worker process per array task; it starts each trial's processes itself (one per device).
+        tasks_per_node = 1
+        cluster = dataclasses.replace(cluster, cpus_per_task=cluster.cpus_per_task * base.trainer.devices)
     slurm.check_extra_options(cluster)
     job_name = cluster.job_name or (sweep_dir.name if sweep_dir else todo[0].run_name)
     if job_name in schema.INTERACTIVE_JOB_NAMES:
@@ -176,11 +185,17 @@ def prepare(opts: Options) -> Submission | None:
     job = slurm.Job(
         cluster=cluster,
         nodes=base.trainer.num_nodes,
-        tasks_per_node=base.trainer.devices,
+        tasks_per_node=tasks_per_node,
         job_name=job_name,
         log_dir=(sweep_dir or todo[0].run_dir) / rundir.SLURM_DIR,
         workdir=Path.cwd(),
-        what=f"sweep {sweep_dir.name}, {len(trials)} trials" if sweep_dir else f"run {todo[0].run_name}",
+        what=(
+            f"run {todo[0].run_name}"
+            if not sweep_dir
+            else f"sweep {sweep_dir.name}, {len(trials)} trials"
+            if settings.kind != "optuna"
+            else f"Optuna sweep {sweep_dir.name}, {len(todo)} workers"
+        ),
         trials=todo,
         array=[t.index for t in todo] if sweep_dir else None,
         python=cluster.python or slurm.current_python(),
@@ -205,6 +220,20 @@ def prepare(opts: Options) -> Submission | None:
             "use --dry-run to see the script"
         )
     return Submission(job, script, notes, sweep_dir, trials, *sweep_facts)
+
+
+def optuna_workers(sweep: SweepPlan, overrides: list[str], config_dir: str | None) -> list[slurm.Trial]:
+    """An Optuna sweep as a job array: task i is worker i, running ``trainer train -m`` with the sweep's own
+    overrides, one trial at a time, against the study in the sweep directory (shared by all tasks)."""
+    flags = ["--config-dir", os.path.abspath(config_dir)] if config_dir else []
+    own = [
+        o
+        for o in overrides
+        if o.split("=", 1)[0].lstrip("+~") not in ("sweep.parallel", "sweep.name", "run.root")
+    ]
+    args = ["-m", *flags, *own, f"run.root={plain(str(sweep.dir.parent))}", f"sweep.name={sweep.name}",
+            "sweep.parallel=1"]  # fmt: skip
+    return [slurm.Trial(i, [], args, f"worker-{i}", sweep.dir) for i in range(sweep.settings.parallel)]
 
 
 def record(path: Path, entry: dict) -> None:
@@ -232,14 +261,14 @@ def write_and_submit(sub: Submission, opts: Options) -> str:
         with ledger.locked(sub.sweep_dir) as data:
             data.update(name=sub.sweep_dir.name, overrides=opts.overrides, kind=sub.kind,
                         metric=sub.metric, direction=sub.direction)  # fmt: skip
-            for t in sub.sweep_trials:
+            for t in sub.sweep_trials if sub.kind != "optuna" else []:
                 entry = ledger.trial(data, t.index)
                 entry.update(overrides=t.overrides, run_name=t.run_name, run_dir=str(t.run_dir))
                 if t in job.trials:
                     entry.update(state="submitted", job_id=f"{job_id}_{t.index}")
             data["jobs"].append({"job_id": job_id, "array": slurm.compress(job.array or [0]),
                                  "submitted_at": when, "script": str(script_path)})  # fmt: skip
-    for t in job.trials:
+    for t in job.trials if sub.kind != "optuna" else []:
         tid = f"{job_id}_{t.index}" if job.array is not None else job_id
         log = job.log_dir / (f"{job_id}_{t.index}.out" if job.array is not None else f"{job_id}.out")
         (t.run_dir / rundir.SLURM_DIR).mkdir(parents=True, exist_ok=True)

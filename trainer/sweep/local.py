@@ -61,7 +61,21 @@ class Runner:
 
     def env(self, extra: dict[str, str] | None = None) -> dict:
         env = dict(os.environ, **(extra or {}))
-        for var in ("RANK", "LOCAL_RANK", "WORLD_SIZE", "TRAINER_PLAN"):
+        # A trial is a run of its own: no rank of a launcher around the sweep (inside a SLURM array task, the
+        # worker is one srun task; its trials must not take SLURM's task variables as their ranks).
+        for var in (
+            "RANK",
+            "LOCAL_RANK",
+            "WORLD_SIZE",
+            "TRAINER_PLAN",
+            "SLURM_NTASKS",
+            "SLURM_NPROCS",
+            "SLURM_PROCID",
+            "SLURM_LOCALID",
+            "SLURM_NODEID",
+            "SLURM_STEP_NUM_TASKS",
+            "SLURM_NTASKS_PER_NODE",
+        ):
             env.pop(var, None)
         parallel = self.plan.settings.parallel
         if parallel > 1 and "OMP_NUM_THREADS" not in os.environ:  # share the cores instead of fighting
