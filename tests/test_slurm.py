@@ -90,6 +90,16 @@ def wait_done(job_id: str, env: dict, timeout: float = 240) -> list[dict[str, st
     raise AssertionError(f"job {job_id} not done after {timeout}s: {job(job_id, env)}")
 
 
+def wait_for_step(run_dir: Path, step: int, job_id: str, env: dict, timeout: float = 120) -> None:
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        steps = [int(r["step"]) for r in read_metrics(run_dir)] if (run_dir / "metrics.csv").exists() else []
+        if steps and steps[-1] >= step:
+            return
+        time.sleep(0.1)
+    raise AssertionError(f"the job did not reach step {step}: {job(job_id, env)}")
+
+
 def job_log(run_dir: Path, job_id: str) -> str:
     return (run_dir / "slurm" / f"{job_id}.out").read_text()
 
@@ -164,14 +174,7 @@ def test_preempted_job_requeues_itself_and_resumes_exactly(tmp_path, env):
             "checkpoint.every_n_steps=1000"]  # fmt: skip
     job_id = submit(tmp_path, env, *args, "trainer.num_nodes=2", "run.name=preempted", "logger=[csv,wandb]")
     run_dir = tmp_path / "runs" / "preempted"
-    deadline = time.monotonic() + 120
-    while time.monotonic() < deadline:
-        steps = [int(r["step"]) for r in read_metrics(run_dir)] if (run_dir / "metrics.csv").exists() else []
-        if steps and steps[-1] >= 10:
-            break
-        time.sleep(0.1)
-    else:
-        raise AssertionError(f"the job did not reach step 10: {job(job_id, env)}")
+    wait_for_step(run_dir, 10, job_id, env)
     subprocess.run(["scancel", "--signal=USR1", job_id], env=env, check=True)
     uninterrupted = trainer(tmp_path, env, "train", *args, "trainer.devices=2", "run.name=uninterrupted")
     assert uninterrupted.returncode == 0, uninterrupted.stdout + uninterrupted.stderr
@@ -194,6 +197,20 @@ def test_preempted_job_requeues_itself_and_resumes_exactly(tmp_path, env):
     for name, tensor in here.items():
         assert torch.equal(remote[name], tensor), name
     print(f"requeue to resume: {second['started'] - first['ended']:.1f}s (preempted at step {saved_at})")
+
+
+def test_the_batch_shell_outlives_a_sigterm_aimed_at_it(tmp_path, env):
+    """A SIGTERM to the batch shell alone (scancel --batch; also part of some preemption set-ups) must not
+    end the job: the shell waits for the training step and still acts on its exit code."""
+    job_id = submit(tmp_path, env, *MODEL, "model.step_sleep_s=0.1", "trainer.max_steps=30", "run.name=term")
+    run_dir = tmp_path / "runs" / "term"
+    wait_for_step(run_dir, 5, job_id, env)
+    subprocess.run(["scancel", "--batch", "--signal=TERM", job_id], env=env, check=True)
+    records = wait_done(job_id, env)
+    log = job_log(run_dir, job_id)
+    assert records[0]["JobState"] == "COMPLETED" and records[0]["ExitCode"] == "0:0", log
+    assert "batch shell got SIGTERM" in log
+    assert [int(r["step"]) for r in read_metrics(run_dir)] == list(range(1, 31))
 
 
 def test_sweep_is_one_job_array_with_a_ledger(tmp_path, env):

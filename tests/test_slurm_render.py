@@ -86,6 +86,11 @@ def test_sweep_array_matches_golden_file(cli, tmp_path):
         (["cluster=slurm", "cluster.nodes=2"], "cluster.nodes: unknown key"),
         (["cluster=nosuch"], "cluster=nosuch"),
         (["--nodes=2", "cluster=slurm"], "option '--nodes=2': expected --dry-run"),
+        (["cluster=slurm", "+model.api_key=abc123"], "model.api_key=<hidden>: expected no secrets in a job's command line"),
+        (["cluster=slurm", "cluster.srun=['--ntasks=1']"], "--ntasks comes from trainer.devices"),
+        (["cluster=slurm", "cluster.sbatch=['--part=gpu']"], "--partition comes from cluster.partition"),
+        (["cluster=slurm", "cluster.sbatch=['--export=NONE']"], "--export comes from your shell's environment"),
+        (["-m", "cluster=slurm", "model.n_layer=range(5,2)"], "expected a range() with a positive step"),
     ],
 )  # fmt: skip
 def test_bad_requests_fail_in_one_line_before_anything_is_written(cli, tmp_path, args, expected):
@@ -153,3 +158,18 @@ def test_array_indices_compress_to_slurm_syntax():
     assert compress([0, 1, 2, 3]) == "0-3"
     assert compress([5, 0, 1, 3]) == "0-1,3,5"
     assert compress([7]) == "7"
+
+
+@pytest.mark.unit
+def test_a_sweep_over_numbered_config_files_keeps_them_files(cli, tmp_path):
+    res = cli(
+        "submit",
+        "--dry-run",
+        "-m",
+        *FIXED,
+        "experiment=digits_mlp",
+        "precision=32,bf16-mixed",
+        env=NO_SCHEDULER,
+    )
+    assert res.returncode == 0, res.output
+    assert "precision='\"'\"'32'\"'\"''" in res.stdout and "precision=bf16-mixed" in res.stdout

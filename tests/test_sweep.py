@@ -217,3 +217,20 @@ def test_random_sweeps_are_reproducible_and_stay_in_the_space():
         values = dict(o.split("=", 1) for o in trial)
         assert values["a"] == "1" and 1e-4 <= float(values["b"]) <= 1e-1
         assert values["c"] in ("2", "4", "6") and values["d"] in ("x", "'y z'")
+    finite = sample(parse(["a=1,2", "b=x,y"]), 10, seed=0)  # more asked than there are: each point once
+    assert len(finite) == 4 and len({tuple(t) for t in finite}) == 4
+
+
+@pytest.mark.unit
+def test_optuna_sees_the_same_space():
+    from optuna.distributions import CategoricalDistribution, FloatDistribution, IntDistribution
+
+    from trainer.sweep.space import parse
+    from trainer.sweep.study import distributions, values
+
+    space = parse(["n=range(1,6,2)", "lr=tag(log,interval(1e-4,1e-2))", "h=[16],[32,32]"])
+    dists = distributions(space)
+    assert dists["n"] == IntDistribution(1, 5, step=2)
+    assert dists["lr"] == FloatDistribution(1e-4, 1e-2, log=True)
+    assert isinstance(dists["h"], CategoricalDistribution)
+    assert values(space, {"n": 3, "lr": 0.001, "h": "[32,32]"})["h"] == [32, 32]

@@ -264,17 +264,20 @@ def fit(
             and conf.logger.wandb.log_checkpoint
         ):
             wandb_logger.upload_checkpoint(paths.last_checkpoint)
+    if stop is not None and trainer.world_size > 1:
+        # Every rank is about to exit with the same code. A launcher that ends the other ranks as soon as the
+        # first exits non-zero (srun --kill-on-bad-exit) must not turn that code into "killed by SIGTERM"
+        # (143), or the job would not be requeued; so from here on SIGTERM is ignored.
+        signal.signal(signal.SIGTERM, signal.SIG_IGN)
     if trainer.is_global_zero:
         rundir.finish(paths, state, summary)
     # Only now may the ranks go: under srun, the first rank to exit with a non-zero code makes srun stop
     # the others (--kill-on-bad-exit), so rank zero's record above must be written before anyone leaves.
-    close_distributed()
+    try:
+        close_distributed()
+    except Exception as exc:  # a peer gone during teardown: the run's own outcome still stands
+        log.warning("process group teardown failed: %s", exc)
     if stop is not None:
-        if trainer.world_size > 1:
-            # Every rank is about to exit with the same code. A launcher that ends the other ranks as soon as
-            # the first exits non-zero (srun --kill-on-bad-exit) must not turn that code into "killed by
-            # SIGTERM" (143), or the job would not be requeued.
-            signal.signal(signal.SIGTERM, signal.SIG_IGN)
         raise stop
     if trainer.is_global_zero:
         print_summary(summary)

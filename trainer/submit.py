@@ -21,6 +21,7 @@ from trainer.checkpoint.manifest import atomic_write_text
 from trainer.config import schema
 from trainer.config.errors import EXIT_CONFIG, ConfigError, report
 from trainer.launch import slurm
+from trainer.secrets import is_secret_name, redact_override
 from trainer.sweep import ledger
 from trainer.sweep.trials import SweepPlan, compose, pinned_args, plain, plan_sweep, single
 
@@ -116,6 +117,11 @@ def prepare(opts: Options) -> Submission | None:
     groups = [p.name for p in Path(conf_dir()).iterdir() if p.is_dir()]
     overrides = quote_numeric_choices(opts.overrides, groups)
     slurm.check_words("overrides", overrides)
+    for override in overrides:
+        key = override.split("=", 1)[0].lstrip("+~")
+        if "=" in override and is_secret_name(key):
+            raise ConfigError(key, "<hidden>", "no secrets in a job's command line: export it in your shell "
+                              "(sbatch passes your environment to the job)")  # fmt: skip
     notes: list[str] = []
     with initialize_config_dir(config_dir=conf_dir(), version_base="1.3"):
         if opts.multirun:
@@ -139,6 +145,12 @@ def prepare(opts: Options) -> Submission | None:
                     key, None, f"the same value in every trial of one job array (trial {i} differs)"
                 )
 
+    if sweep is not None:  # a trial that a local sweep (trainer train -m) is running must not get a job too
+        for entry in ledger.read(sweep.dir).get("trials", []):
+            if entry.get("state") == "running" and ledger.owner_alive(entry):
+                owner = entry.get("owner", {})
+                raise ConfigError("sweep", sweep.name, f"a sweep that no other process runs (trial {entry['index']} "
+                                  f"runs on {owner.get('host')}, pid {owner.get('pid')})")  # fmt: skip
     trials, todo = [], []
     if sweep is not None and settings.kind == "optuna":
         todo = trials = optuna_workers(sweep, overrides, opts.config_dir)
@@ -178,6 +190,7 @@ def prepare(opts: Options) -> Submission | None:
         cluster = dataclasses.replace(cluster, cpus_per_task=cluster.cpus_per_task * base.trainer.devices)
     slurm.check_extra_options(cluster)
     job_name = cluster.job_name or (sweep_dir.name if sweep_dir else todo[0].run_name)
+    slurm.sbatch_value("cluster.job_name" if cluster.job_name else "run.name", job_name)
     if job_name in schema.INTERACTIVE_JOB_NAMES:
         raise ConfigError(
             "run.name", job_name, "a name other than bash or interactive (it becomes the job name)"
@@ -259,7 +272,7 @@ def write_and_submit(sub: Submission, opts: Options) -> str:
     when = time.strftime("%Y-%m-%dT%H:%M:%S")
     if sub.sweep_dir is not None:  # trial -> overrides, run dir; and the array job that runs them
         with ledger.locked(sub.sweep_dir) as data:
-            data.update(name=sub.sweep_dir.name, overrides=opts.overrides, kind=sub.kind,
+            data.update(name=sub.sweep_dir.name, overrides=[redact_override(o) for o in opts.overrides], kind=sub.kind,
                         metric=sub.metric, direction=sub.direction)  # fmt: skip
             for t in sub.sweep_trials if sub.kind != "optuna" else []:
                 entry = ledger.trial(data, t.index)

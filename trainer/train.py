@@ -57,11 +57,16 @@ class _Abort(BaseException):
 
 def quote_numeric_choices(args: list[str], groups: list[str]) -> list[str]:
     """``precision=32`` selects the file ``precision/32.yaml``; Hydra would parse 32 as a number and refuse it."""
+
+    def numeric(text: str) -> bool:
+        return text.lstrip("-").replace(".", "", 1).isdigit()
+
     out = []
     for arg in args:
         key, sep, value = arg.partition("=")
-        if sep and key.lstrip("+~") in groups and value.lstrip("-").replace(".", "", 1).isdigit():
-            arg = f"{key}='{value}'"
+        if sep and key.lstrip("+~") in groups and "(" not in value:
+            # a single choice, or a sweep list of them (precision=32,bf16-mixed)
+            arg = f"{key}=" + ",".join(f"'{v}'" if numeric(v) else v for v in value.split(","))
         out.append(arg)
     return out
 

@@ -38,6 +38,8 @@ _OWNED_OPTIONS = {
     "-a": "cluster.array_parallelism", "--output": "run.dir", "-o": "run.dir", "--error": "run.dir",
     "-e": "run.dir", "--chdir": "run.dir", "-D": "run.dir", "--open-mode": "run.dir",
     "--requeue": "cluster.max_requeues", "--no-requeue": "cluster.max_requeues",
+    "--tasks-per-node": "trainer.devices", "--ntasks-per-gpu": "trainer.devices",
+    "--export": "your shell's environment (sbatch must pass it: it carries secrets such as WANDB_API_KEY)",
 }  # fmt: skip
 
 REQUEUE_EXIT = 75
@@ -97,18 +99,35 @@ def check_words(key: str, words: list[str]) -> None:
             )
 
 
+def _owner_of(name: str) -> tuple[str, str] | None:
+    """The option the script owns that ``name`` spells (exactly, as a short flag with its value attached, or
+    as an abbreviation of a long option, which Slurm's getopt accepts), and the key that owns it."""
+    for flag, owner in _OWNED_OPTIONS.items():
+        if name == flag or (len(flag) == 2 and name.startswith(flag) and not name.startswith("--")):
+            return flag, owner
+    for flag, owner in _OWNED_OPTIONS.items():
+        if flag.startswith("--") and name.startswith("--") and len(name) >= 4 and flag.startswith(name):
+            return flag, owner
+    return None
+
+
 def check_extra_options(cluster: ClusterConfig) -> None:
-    for option in cluster.sbatch:
-        name = str(option).split("=", 1)[0]
-        if not name.startswith("-"):
-            raise ConfigError("cluster.sbatch", option, "sbatch options such as --mail-type=END")
-        for flag, owner in _OWNED_OPTIONS.items():
-            if name == flag or (len(flag) == 2 and name.startswith(flag) and not name.startswith("--")):
+    for key, options in (("cluster.sbatch", cluster.sbatch), ("cluster.srun", cluster.srun)):
+        for option in options:
+            name = str(option).split("=", 1)[0]
+            if not name.startswith("-"):
+                raise ConfigError(key, option, "options such as --mail-type=END")
+            owned = _owner_of(name)
+            if owned is not None:
                 raise ConfigError(
-                    "cluster.sbatch", option,
-                    f"an option the script does not set itself ({flag} comes from {owner})",
-                )  # fmt: skip
-        sbatch_value("cluster.sbatch", option)
+                    key,
+                    option,
+                    f"an option the script does not set itself ({owned[0]} comes from {owned[1]})",
+                )
+            if key == "cluster.srun" and name == "--kill-on-bad-exit":
+                raise ConfigError(key, option, "no --kill-on-bad-exit (a failed rank must end the whole job)")
+            if key == "cluster.sbatch":
+                sbatch_value(key, option)
     for name in cluster.env:
         if not _ENV_NAME.match(name):
             raise ConfigError(
@@ -248,17 +267,22 @@ def reachable() -> bool:
         return False  # the clients would only fail after a slow DNS lookup for a configless setup
     try:
         proc = _run(["scontrol", "ping"], timeout=10)
-    except subprocess.TimeoutExpired:
+    except SchedulerError:
         return False
     return proc.returncode == 0 and "UP" in proc.stdout
 
 
-def _run(cmd: list[str], stdin: str | None = None, timeout: float = 30) -> subprocess.CompletedProcess:
-    return subprocess.run(cmd, input=stdin, capture_output=True, text=True, timeout=timeout, check=False)
-
-
 class SchedulerError(RuntimeError):
     """The scheduler refused or could not be asked; the message is one line."""
+
+
+def _run(cmd: list[str], stdin: str | None = None, timeout: float = 30) -> subprocess.CompletedProcess:
+    try:
+        return subprocess.run(cmd, input=stdin, capture_output=True, text=True, timeout=timeout, check=False)
+    except subprocess.TimeoutExpired:
+        raise SchedulerError(
+            f"{cmd[0]} did not answer within {timeout:.0f} s (is the controller busy?)"
+        ) from None
 
 
 def test_only(script: str) -> str | None:
@@ -273,7 +297,11 @@ def test_only(script: str) -> str | None:
 
 def submit(script: Path) -> str:
     """Submit and return at once with the job id (``--parsable`` prints ``id`` or ``id;cluster``)."""
-    proc = _run(["sbatch", "--parsable", str(script)])
+    try:
+        proc = _run(["sbatch", "--parsable", str(script)], timeout=60)
+    except SchedulerError as err:
+        raise SchedulerError(f"{err}; the job may have been accepted anyway: check `squeue --me` before "
+                             "submitting again") from None  # fmt: skip
     if proc.returncode != 0:
         detail = "; ".join(ln.strip() for ln in proc.stderr.splitlines() if ln.strip())
         raise SchedulerError(f"sbatch refused the job: {detail or f'exit code {proc.returncode}'}")
@@ -281,18 +309,25 @@ def submit(script: Path) -> str:
 
 
 def partition_facts(partition: str | None) -> dict | None:
-    """Nodes and GPUs of a partition (the default one for ``None``) as ``sinfo`` reports them."""
+    """Nodes and GPUs of a partition (the default one for ``None``) as ``sinfo`` reports them, summed over
+    its lines (sinfo splits a partition whose nodes differ). ``None`` when unknown or several partitions."""
+    if partition is not None and "," in partition:
+        return None  # the job may go to any of them: nothing simple to check
     proc = _run(["sinfo", "-h", "-o", "%P|%D|%G"], timeout=15)
     if proc.returncode != 0:
         return None
+    facts: dict | None = None
     for line in proc.stdout.splitlines():
         name, nodes, gres = (line.split("|") + ["", "", ""])[:3]
         is_default = name.endswith("*")
         name = name.rstrip("*")
         if (partition is None and is_default) or name == partition:
-            return {"name": name, "nodes": int(nodes) if nodes.isdigit() else None,
-                    "gpus": "gpu" in gres}  # fmt: skip
-    return None
+            facts = facts or {"name": name, "nodes": 0, "gpus": False}
+            facts["nodes"] = (
+                facts["nodes"] + int(nodes) if nodes.isdigit() and facts["nodes"] is not None else None
+            )
+            facts["gpus"] = facts["gpus"] or "gpu" in gres
+    return facts
 
 
 def check_against_scheduler(job: Job) -> list[str]:
@@ -335,6 +370,13 @@ def job_records(job_id: str) -> list[dict[str, str]]:
     """What the scheduler knows about a job (one record per array task): JobState, Restarts, ExitCode,
     RunTime, StdOut... ``scontrol`` first (it knows jobs up to MinJobAge after their end), then ``sacct``
     where the cluster keeps accounting; ``[]`` when neither knows it."""
+    try:
+        return _job_records(job_id)
+    except SchedulerError:
+        return []
+
+
+def _job_records(job_id: str) -> list[dict[str, str]]:
     if shutil.which("scontrol"):
         proc = _run(["scontrol", "show", "job", "-o", job_id], timeout=15)
         if proc.returncode == 0:
@@ -358,7 +400,10 @@ def active(job_id: str) -> str | None:
     """The state of a job still in the queue (PENDING, RUNNING, ...), or ``None``."""
     if not shutil.which("squeue"):
         return None
-    proc = _run(["squeue", "-h", "-j", job_id, "-o", "%T"], timeout=15)
+    try:
+        proc = _run(["squeue", "-h", "-j", job_id, "-o", "%T"], timeout=15)
+    except SchedulerError:
+        return None
     states = [s.strip() for s in proc.stdout.splitlines() if s.strip()] if proc.returncode == 0 else []
     return states[0] if states else None
 

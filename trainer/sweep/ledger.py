@@ -57,18 +57,35 @@ def trial(data: dict, index: int) -> dict:
     return entry
 
 
+def _slurm_task() -> str | None:
+    """This process's SLURM job (array task) id, if it runs inside one."""
+    if os.environ.get("SLURM_ARRAY_JOB_ID"):
+        return f"{os.environ['SLURM_ARRAY_JOB_ID']}_{os.environ.get('SLURM_ARRAY_TASK_ID')}"
+    return os.environ.get("SLURM_JOB_ID")
+
+
 def me() -> dict:
     """Who runs a trial: a worker that died leaves its trials to be picked up again."""
-    return {"host": socket.gethostname(), "pid": os.getpid(), "since": time.time()}
+    return {"host": socket.gethostname(), "pid": os.getpid(), "since": time.time(), "slurm_job": _slurm_task(),
+            "restart": os.environ.get("SLURM_RESTART_COUNT", "0")}  # fmt: skip
 
 
 def owner_alive(entry: dict) -> bool:
-    """Whether the process that claimed a running trial still runs (unknowable on another host: assume so)."""
+    """Whether the process that claimed a running trial still runs. On this host: its pid. Elsewhere: its
+    SLURM job must still be running and not be this very job (a requeued array task is its own successor);
+    without a SLURM job on another host it cannot be known, so it is assumed alive."""
     owner = entry.get("owner") or {}
-    if owner.get("host") != socket.gethostname():
-        return bool(owner)
-    try:
-        os.kill(int(owner["pid"]), 0)
-    except (OSError, KeyError, ValueError):
-        return False
-    return True
+    job = owner.get("slurm_job")
+    if owner.get("host") == socket.gethostname() and owner.get("restart", "0") == me()["restart"]:
+        try:
+            os.kill(int(owner["pid"]), 0)
+        except (OSError, KeyError, ValueError):
+            return False
+        return True
+    if job:
+        if job == _slurm_task():
+            return False
+        from trainer.launch import slurm
+
+        return slurm.active(job) == "RUNNING"
+    return bool(owner)

@@ -22,9 +22,11 @@ from pathlib import Path
 
 from trainer import rundir
 from trainer.config.errors import ConfigError, report
+from trainer.launch import slurm
 from trainer.launch.local import die_with_parent
+from trainer.secrets import redact_override
 from trainer.sweep import OPTUNA_ENV, ledger
-from trainer.sweep.trials import SweepPlan, compose, pinned_args, plan_sweep
+from trainer.sweep.trials import Composed, SweepPlan, compose, pinned_args, plan_sweep
 
 EXIT_INTERRUPTED = 75
 
@@ -36,7 +38,7 @@ class Runner:
         self.plan, self.config_dir = plan, config_dir
         self.stopping: int | None = None  # the signal that asked the sweep to stop
         self.running: dict[int, subprocess.Popen] = {}
-        self.lock = threading.Lock()
+        self.lock = threading.RLock()  # also taken by the signal handler, which may interrupt a holder
         self.failed = 0
         self.logs = plan.dir / "logs"
 
@@ -51,7 +53,8 @@ class Runner:
             print(f"[sweep] {signal.Signals(signum).name}: stopping the running trials at their next step",
                   flush=True)  # fmt: skip
         self.stopping = signum
-        forward = signal.SIGTERM if signum in (signal.SIGINT, signal.SIGHUP) else signum
+        # Trials save on SIGUSR1 and SIGTERM (checkpoint.save_on_signals); anything else becomes SIGTERM.
+        forward = signum if signum == signal.SIGUSR1 else signal.SIGTERM
         with self.lock:
             for proc in self.running.values():
                 if proc.poll() is None:
@@ -59,7 +62,8 @@ class Runner:
 
     # ------------------------------------------------------------------------------------------ trials
 
-    def env(self, extra: dict[str, str] | None = None) -> dict:
+    def env(self, slot: int, c: Composed, extra: dict[str, str] | None = None) -> dict:
+        """The environment of a trial run by worker ``slot``: on GPUs, the slot's own devices."""
         env = dict(os.environ, **(extra or {}))
         # A trial is a run of its own: no rank of a launcher around the sweep (inside a SLURM array task, the
         # worker is one srun task; its trials must not take SLURM's task variables as their ranks).
@@ -80,14 +84,37 @@ class Runner:
         parallel = self.plan.settings.parallel
         if parallel > 1 and "OMP_NUM_THREADS" not in os.environ:  # share the cores instead of fighting
             env["OMP_NUM_THREADS"] = str(max(1, (os.cpu_count() or 1) // parallel))
+        if parallel > 1 and c.accelerator == "gpu":
+            devices = c.conf.trainer.devices
+            env["CUDA_VISIBLE_DEVICES"] = ",".join(self.gpus[slot * devices : (slot + 1) * devices])
         return env
+
+    @property
+    def gpus(self) -> list[str]:
+        """The GPUs this sweep may use, as CUDA_VISIBLE_DEVICES names them."""
+        visible = os.environ.get("CUDA_VISIBLE_DEVICES")
+        if visible:
+            return [g for g in visible.split(",") if g]
+        import torch
+
+        return [str(i) for i in range(torch.cuda.device_count())]
+
+    def check_slots(self) -> None:
+        """``sweep.parallel`` trials on GPUs need that many disjoint sets of ``trainer.devices`` GPUs."""
+        c = self.plan.composed[0]
+        parallel, devices = self.plan.settings.parallel, c.conf.trainer.devices
+        if parallel > 1 and c.accelerator == "gpu" and parallel * devices > len(self.gpus):
+            raise ConfigError("sweep.parallel", parallel, f"at most {len(self.gpus) // devices} with "
+                              f"trainer.devices={devices} on {len(self.gpus)} GPUs (each trial gets its own)")  # fmt: skip
+
+    def extra(self, c: Composed) -> list[str]:
+        if c.conf.logger.wandb is not None and not c.conf.logger.wandb.group:
+            return [f"logger.wandb.group={self.plan.name}"]  # one W&B group per sweep
+        return []
 
     def args(self, i: int) -> list[str]:
         c = self.plan.composed[i]
-        extra = []
-        if c.conf.logger.wandb is not None and not c.conf.logger.wandb.group:
-            extra.append(f"logger.wandb.group={self.plan.name}")  # one W&B group per sweep
-        return pinned_args(c, self.config_dir, extra)
+        return pinned_args(c, self.config_dir, self.extra(c))
 
     def run(self, index: int, label: str, args: list[str], run_dir: Path, env: dict) -> dict:
         """One trial, to its end; returns its ledger fields (state, objective, steps, seconds)."""
@@ -112,8 +139,8 @@ class Runner:
                   "seconds": round(time.time() - started, 2), "log": str(log)}  # fmt: skip
         if code == 0:
             fields["state"] = "pruned" if state.get("status") == "pruned" else "finished"
-        elif code == EXIT_INTERRUPTED:
-            fields["state"] = "interrupted"
+        elif code == EXIT_INTERRUPTED or (self.stopping is not None and code < 0):
+            fields["state"] = "interrupted"  # (a trial still starting up dies of the forwarded signal)
         else:
             fields["state"] = "failed"
             self.failed += 1
@@ -130,7 +157,7 @@ def run_fixed(runner: Runner, argv: list[str]) -> None:
     """A grid or random sweep: the trial list is known up front."""
     plan = runner.plan
     with ledger.locked(plan.dir) as data:
-        data.update(name=plan.name, kind=plan.settings.kind, overrides=argv, metric=plan.settings.metric,
+        data.update(name=plan.name, kind=plan.settings.kind, overrides=[redact_override(a) for a in argv], metric=plan.settings.metric,
                     direction=plan.settings.direction)  # fmt: skip
         data.setdefault("created", time.time())
         for i, c in enumerate(plan.composed):
@@ -144,7 +171,7 @@ def run_fixed(runner: Runner, argv: list[str]) -> None:
           f"already, {len(todo)} to run, {plan.settings.parallel} at a time ({plan.dir})", flush=True)  # fmt: skip
     queue = list(todo)
 
-    def worker() -> None:
+    def worker(slot: int) -> None:
         while runner.stopping is None:
             with runner.lock:
                 if not queue:
@@ -155,14 +182,19 @@ def run_fixed(runner: Runner, argv: list[str]) -> None:
                 entry = ledger.trial(data, i)
                 if entry.get("state") == "running" and ledger.owner_alive(entry):
                     continue  # another process runs this sweep too and has this trial
+                if entry.get("job_id") and slurm.active(entry["job_id"]):
+                    print(f"[sweep] trial {i} is queued or running as SLURM job {entry['job_id']}: skipped")
+                    continue
                 entry.update(state="running", owner=ledger.me())
             fields = runner.run(
-                i, " ".join(plan.own(i)) or c.paths.name, runner.args(i), c.paths.dir, runner.env()
+                i, " ".join(plan.own(i)) or c.paths.name, runner.args(i), c.paths.dir, runner.env(slot, c)
             )
             with ledger.locked(plan.dir) as data:
                 ledger.trial(data, i).update(fields)
 
-    threads = [threading.Thread(target=worker) for _ in range(min(plan.settings.parallel, len(todo)))]
+    threads = [
+        threading.Thread(target=worker, args=(k,)) for k in range(min(plan.settings.parallel, len(todo)))
+    ]
     for t in threads:
         t.start()
     for t in threads:
@@ -178,10 +210,13 @@ def run_optuna(runner: Runner, argv: list[str]) -> None:
     from trainer.sweep import study as studies
 
     plan = runner.plan
-    study = studies.load(plan)
+    with ledger.locked(plan.dir) as data:
+        worker = data.get("workers", 0)
+        data["workers"] = worker + 1
+    study = studies.load(plan, worker)
     distributions = studies.distributions(plan.space)
     with ledger.locked(plan.dir) as data:
-        data.update(name=plan.name, kind="optuna", overrides=argv, metric=plan.settings.metric,
+        data.update(name=plan.name, kind="optuna", overrides=[redact_override(a) for a in argv], metric=plan.settings.metric,
                     direction=plan.settings.direction, study=str(plan.dir / studies.JOURNAL))  # fmt: skip
         data.setdefault("created", time.time())
     compose_lock = threading.Lock()
@@ -204,7 +239,7 @@ def run_optuna(runner: Runner, argv: list[str]) -> None:
                          overrides=[plan.space.override(p, own[p.name]) for p in plan.space.params])  # fmt: skip
             return trial.number, trial.params
 
-    def worker() -> None:
+    def worker(slot: int) -> None:
         while runner.stopping is None:
             claimed = claim()
             if claimed is None:
@@ -227,15 +262,17 @@ def run_optuna(runner: Runner, argv: list[str]) -> None:
                 ledger.trial(data, number).update(run_name=c.paths.name, run_dir=str(c.paths.dir))
             spec = {"journal": str(plan.dir / studies.JOURNAL), "study": plan.name, "number": number,
                     "metric": plan.settings.metric, "pruner": studies.pruner_spec(plan.settings)}  # fmt: skip
-            env = runner.env({OPTUNA_ENV: json.dumps(spec)})
+            env = runner.env(slot, c, {OPTUNA_ENV: json.dumps(spec)})
             label = " ".join(plan.space.override(p, params[p.name]) for p in plan.space.params)
-            fields = runner.run(number, label, pinned_args(c, runner.config_dir, []), c.paths.dir, env)
+            fields = runner.run(
+                number, label, pinned_args(c, runner.config_dir, runner.extra(c)), c.paths.dir, env
+            )
             if fields["state"] != "interrupted":
                 studies.tell(study, number, fields["state"], fields.get("objective"))
             with ledger.locked(plan.dir) as data:
                 ledger.trial(data, number).update(fields)
 
-    threads = [threading.Thread(target=worker) for _ in range(plan.settings.parallel)]
+    threads = [threading.Thread(target=worker, args=(k,)) for k in range(plan.settings.parallel)]
     for t in threads:
         t.start()
     for t in threads:
@@ -283,9 +320,10 @@ def main(args: list[str]) -> int:
             config_dir, overrides = parse_argv(args)
             overrides = quote_numeric_choices(overrides, groups)
             plan = plan_sweep(overrides, config_dir, "local")
+            runner = Runner(plan, config_dir)
+            runner.check_slots()
         except Exception as exc:
             return report(exc)
-        runner = Runner(plan, config_dir)
         runner.install()
         if plan.settings.kind == "optuna":
             run_optuna(runner, overrides)

@@ -109,8 +109,12 @@ def parse(overrides: list[str]) -> Space:
         key = o.get_key_element()
         raw = o.input_line.split("=", 1)[1]
         if o.is_choice_sweep():
-            params.append(Param(key, "choice", choices=list(value.list), raw=raw))
+            # a quoted element ('32') is a QuotedString: keep its text
+            choices = [getattr(c, "text", c) if type(c).__name__ == "QuotedString" else c for c in value.list]
+            params.append(Param(key, "choice", choices=choices, raw=raw))
         elif o.is_range_sweep():
+            if value.step <= 0 or not list(_frange(value.start, value.stop, value.step)):
+                raise ConfigError(key, raw, "a range() with a positive step and at least one value")
             params.append(Param(key, "range", low=value.start, high=value.stop, step=value.step, raw=raw))
         elif o.is_interval_sweep():
             if "log" in value.tags and value.start <= 0:
@@ -142,7 +146,16 @@ def sample(space: Space, num_trials: int, seed: int) -> list[list[str]]:
     """``num_trials`` random points of the space; the same seed gives the same trials (so a re-run of the
     same sweep command finds the same trial run directories)."""
     rng = random.Random(seed)
-    return [space.trial({p.name: p.sample(rng) for p in space.params}) for _ in range(num_trials)]
+    if all(p.kind != "interval" for p in space.params):  # a finite space: draw without replacement
+        combos = math.prod(len(p.choices) if p.kind == "choice" else len(list(_frange(p.low, p.high, p.step)))
+                           for p in space.params)  # fmt: skip
+        num_trials = min(num_trials, combos)
+    trials: list[list[str]] = []
+    while len(trials) < num_trials:
+        trial = space.trial({p.name: p.sample(rng) for p in space.params})
+        if trial not in trials:  # the same point twice would be the same run
+            trials.append(trial)
+    return trials
 
 
 def corner_trials(space: Space) -> list[list[str]]:

@@ -21,16 +21,19 @@ def storage(path: str) -> Any:
     return JournalStorage(JournalFileBackend(path))
 
 
-def load(plan: Any) -> Any:
+def load(plan: Any, worker: int = 0) -> Any:
+    """The sweep's study. ``worker`` (0, 1, ... in the order workers joined the sweep) offsets the sampler's
+    seed: workers with one seed would propose the same points during the sampler's random start-up."""
     import optuna
 
     s = plan.settings
     plan.dir.mkdir(parents=True, exist_ok=True)
     optuna.logging.set_verbosity(optuna.logging.WARNING)
+    seed = s.seed + 1000 * worker
     sampler = (
-        optuna.samplers.TPESampler(seed=s.seed)
+        optuna.samplers.TPESampler(seed=seed, constant_liar=True)  # liar: concurrent trials spread out
         if s.sampler == "tpe"
-        else optuna.samplers.RandomSampler(s.seed)
+        else optuna.samplers.RandomSampler(seed)
     )
     pruner = make_pruner(pruner_spec(s))
     return optuna.create_study(study_name=plan.name, storage=storage(str(plan.dir / JOURNAL)), load_if_exists=True,
@@ -63,7 +66,8 @@ def distributions(space: Space) -> dict[str, Any]:
             out[p.name] = CategoricalDistribution([format_value(c) for c in p.choices])
         elif p.kind == "range":
             if all(float(v).is_integer() for v in (p.low, p.high, p.step)):
-                out[p.name] = IntDistribution(int(p.low), int(p.high) - int(p.step), step=int(p.step))
+                values = _range_values(p)
+                out[p.name] = IntDistribution(int(values[0]), int(values[-1]), step=int(p.step))
             else:
                 out[p.name] = CategoricalDistribution(_range_values(p))
         else:
@@ -72,11 +76,9 @@ def distributions(space: Space) -> dict[str, Any]:
 
 
 def _range_values(p: Any) -> list[float]:
-    values, v = [], p.low
-    while v < p.high:
-        values.append(v)
-        v += p.step
-    return values
+    from trainer.sweep.space import _frange
+
+    return list(_frange(p.low, p.high, p.step))
 
 
 def values(space: Space, params: dict[str, Any]) -> dict[str, Any]:

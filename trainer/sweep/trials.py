@@ -33,6 +33,8 @@ class Composed:
     plan: rundir.Plan
     task_overrides: list[str]
     experiment: str | None
+    accelerator: str = "cpu"
+    """What the trial trains on (``cpu``/``gpu``/``mps``): for a cluster, the nodes'; else this machine's."""
 
 
 def compose(
@@ -55,10 +57,7 @@ def compose(
             cfg.run.root = str(run_root)
     check_components(cfg, choices)
     conf = to_typed(cfg)
-    if where == "cluster":
-        check_for_cluster(conf)
-    else:
-        check(conf)
+    accelerator = check_for_cluster(conf) if where == "cluster" else check(conf)
     resolved = OmegaConf.to_container(cfg, resolve=True)
     experiment = choices.get("experiment")
     paths = rundir.resolve_paths(resolved, experiment)
@@ -67,7 +66,7 @@ def compose(
         paths, resolved, conf.resume, rank_zero=True, allow_config_change=conf.checkpoint.allow_config_change
     )
     slurm.check_words("run.name", [paths.name])
-    return Composed(conf, resolved, paths, plan, task, experiment)
+    return Composed(conf, resolved, paths, plan, task, experiment, accelerator)
 
 
 def sweep_name(experiment: str | None, overrides: list[str]) -> str:
