@@ -98,12 +98,16 @@ def count(study: Any) -> int:
 def tell(study: Any, number: int, state: str, value: float | None) -> None:
     from optuna.trial import TrialState
 
-    if state == "finished" and value is not None:
-        study.tell(number, value)
-    elif state == "pruned":
-        study.tell(number, state=TrialState.PRUNED)
-    else:
-        study.tell(number, state=TrialState.FAIL)
+    try:
+        if state == "finished" and value is not None:
+            study.tell(number, value)
+        elif state == "pruned":
+            study.tell(number, state=TrialState.PRUNED)
+        else:
+            study.tell(number, state=TrialState.FAIL)
+    # Told already: a worker that died between telling the study and recording it in the ledger.
+    except (RuntimeError, ValueError) as err:
+        print(f"[sweep] trial {number}: {err}", flush=True)
 
 
 def best(study: Any) -> Any:
