@@ -32,6 +32,9 @@ slurm-deps: ## install Debian's SLURM packages for the slurm tests (root only; n
 test-unit: $(STAMP) ## only the fast unit tests
 	$(PY) -m pytest -m unit $(ARGS)
 
+bench: $(STAMP) ## measure overhead, DDP scaling, MFU, start-up, checkpoint and data wait; writes benchmarks/
+	$(PY) scripts/bench.py $(ARGS)
+
 lint: $(STAMP) ## ruff lint and format check
 	$(VENV)/bin/ruff check .
 	$(VENV)/bin/ruff format --check .
@@ -44,4 +47,4 @@ clean: ## remove caches (keeps .venv and runs/)
 	rm -rf .pytest_cache .ruff_cache build dist *.egg-info
 	find . -name __pycache__ -type d -prune -not -path './$(VENV)/*' -exec rm -rf {} +
 
-.PHONY: help setup quickstart train test test-unit slurm-deps lint format clean
+.PHONY: help setup quickstart train test test-unit slurm-deps bench lint format clean

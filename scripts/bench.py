@@ -1,0 +1,163 @@
+"""How close `trainer train` runs to the machine: a table of ratios, also written to benchmarks/.
+
+Measures, on the default GPT (experiment=gpt_quickstart) with its data and batch, in one run:
+  a. orchestrator overhead: tokens/s of `trainer train` over a minimal hand-written loop (same model code,
+     optimizer, schedule, clipping, data loader; one process, no logging) -- target >= 0.97;
+  b. DDP scaling: 2 ranks x 1 thread over 1 rank x 1 thread (tokens/s ratio / 2) -- target >= 0.90;
+  c. MFU on CPU: model FLOP/s over the fp32 matmul peak measured in the same run (eager; compiled when
+     model.compile exists -- not yet);
+  d. start-up: process start to the end of the first step of `trainer train`; `trainer --help` and a SLURM
+     dry-run render (neither imports torch) -- target well under 1 s;
+  e. checkpoint write MB/s over the disk's sequential write speed, and the stall (scripts/bench_checkpoint.py);
+  f. data-wait fraction at the default settings -- target < 2%.
+This machine may be shared and noisy: read the ratios, not the absolute numbers.
+
+    python scripts/bench.py [--steps 120] [--out benchmarks]      (or: make bench)
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import platform
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+REPO = Path(__file__).resolve().parents[1]
+BASE = ["experiment=gpt_quickstart", "trainer.val_check_interval=100000", "trainer.enable_progress_bar=false",
+        "checkpoint.every_n_steps=0", "trainer.log_every_n_steps=10"]  # fmt: skip
+
+
+def trainer(args: list[str], cwd: Path, env: dict | None = None) -> tuple[float, subprocess.CompletedProcess]:
+    started = time.perf_counter()
+    proc = subprocess.run([sys.executable, "-m", "trainer", *args], cwd=cwd, capture_output=True, text=True,
+                          env={**os.environ, **(env or {})})  # fmt: skip
+    if proc.returncode != 0:
+        raise SystemExit(f"`trainer {' '.join(args)}` failed:\n{proc.stdout[-2000:]}{proc.stderr[-2000:]}")
+    return time.perf_counter() - started, proc
+
+
+def summary(cwd: Path, name: str) -> dict:
+    return json.loads((cwd / "runs" / name / "run.json").read_text())["summary"]
+
+
+def hand_loop(steps: int, threads: int | None = None) -> float:
+    """Tokens/s of a plain PyTorch loop over the same model, data, optimizer, schedule and clipping."""
+    import torch
+    from hydra import initialize_config_dir
+
+    from trainer.config import schema
+    from trainer.fit import build_data, build_model
+    from trainer.optim import build_optimizer, lr_factor
+    from trainer.sweep.trials import compose
+    from trainer.train import conf_dir
+
+    if threads:
+        torch.set_num_threads(threads)
+    schema.register()
+    with initialize_config_dir(config_dir=conf_dir(), version_base="1.3"):
+        c = compose([*BASE, f"trainer.max_steps={steps}"], None, None, "local")
+    torch.manual_seed(c.conf.seed)
+    model, data = build_model(c.conf.model, c.conf.optim), build_data(c.conf.data)
+    data.setup("fit")
+    optim = dict(c.resolved["optim"])
+    optimizer = build_optimizer(model, optim)
+    scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda s: lr_factor(
+        s, steps, int(optim["warmup_steps"]), str(optim["schedule"]), float(optim["min_lr_ratio"])))  # fmt: skip
+    clip = c.conf.trainer.gradient_clip_val
+    model.train()
+    warmup, done, started = 10, 0, 0.0
+    while done < steps:
+        for x, y in data.train_dataloader():
+            if done == warmup:
+                started = time.perf_counter()
+            loss = model._loss((x, y))
+            loss.backward()
+            if clip:
+                torch.nn.utils.clip_grad_norm_(model.parameters(), clip)
+            optimizer.step()
+            optimizer.zero_grad(set_to_none=True)
+            scheduler.step()
+            done += 1
+            if done == steps:
+                break
+    samples = (steps - warmup) * c.conf.data.batch_size
+    return samples * model.tokens_per_sample() / (time.perf_counter() - started)
+
+
+def main() -> int:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--steps", type=int, default=120, help="training steps per measurement")
+    parser.add_argument("--out", default=str(REPO / "benchmarks"), help="folder of the written table")
+    args = parser.parse_args()
+    rows: list[tuple[str, str, str]] = []
+    work = Path(tempfile.mkdtemp(prefix="bench-"))
+    steps = [f"trainer.max_steps={args.steps}"]
+
+    # a, c, f: one `trainer train` run against the hand-written loop
+    trainer(["train", *BASE, *steps, "run.name=main"], work)
+    main_run = summary(work, "main")
+    hand = hand_loop(args.steps)
+    ratio = main_run["tokens_per_sec"] / hand
+    rows.append(("a. tokens/s, trainer / hand-written loop", f"{ratio:.3f}",
+                 f"{main_run['tokens_per_sec']:,.0f} vs {hand:,.0f} tokens/s (target >= 0.97)"))  # fmt: skip
+    rows.append(("c. MFU on CPU, eager", f"{main_run['mfu']:.1%}", f"peak: {main_run['peak_source']}"))
+    rows.append(("c. MFU on CPU, compiled", "n/a", "model.compile is not implemented yet"))
+    rows.append(("f. data-wait fraction", f"{main_run['data_wait_frac']:.2%}", "target < 2%"))
+
+    # b: DDP scaling, one thread per rank
+    one_thread = {"OMP_NUM_THREADS": "1"}
+    trainer(["train", *BASE, *steps, "run.name=ddp1"], work, one_thread)
+    trainer(["train", *BASE, *steps, "strategy=ddp", "trainer.devices=2", "run.name=ddp2"], work, one_thread)
+    single, double = summary(work, "ddp1"), summary(work, "ddp2")
+    efficiency = double["tokens_per_sec"] / single["tokens_per_sec"] / 2
+    rows.append(("b. DDP efficiency, 2x1 thread vs 1x1", f"{efficiency:.3f}",
+                 f"{double['tokens_per_sec']:,.0f} vs {single['tokens_per_sec']:,.0f} tokens/s (target >= 0.90)"))  # fmt: skip
+
+    # d: start-up and the torch-free commands
+    first, _ = trainer(["train", *BASE, "trainer.max_steps=1", "run.name=first"], work)
+    rows.append(
+        ("d. start to end of first step (process wall)", f"{first:.2f} s", "includes torch/Lightning import")
+    )
+    help_s = min(trainer(["--help"], work)[0] for _ in range(3))
+    dry_s = min(trainer(["submit", "--dry-run", "cluster=slurm"], work, {"SLURM_CONF": "/nonexistent"})[0]
+                for _ in range(3))  # fmt: skip
+    rows.append(("d. trainer --help", f"{help_s:.2f} s", "no torch import (target well under 1 s)"))
+    rows.append(
+        ("d. trainer submit --dry-run (render)", f"{dry_s:.2f} s", "no torch import (target well under 1 s)")
+    )
+
+    # e: checkpoint write speed against the disk
+    ckpt = subprocess.run([sys.executable, str(REPO / "scripts" / "bench_checkpoint.py"), "--dir", str(work / "ckpt")],
+                          capture_output=True, text=True, check=True).stdout  # fmt: skip
+    for line in ckpt.splitlines():
+        if line.startswith(("write speed / disk speed", "stall per save", "stall / time between")):
+            label, value = line[:29].strip(), line[29:].strip()
+            rows.append((f"e. checkpoint {label}", value.split()[0], " ".join(value.split()[1:])))
+
+    import torch
+
+    machine = f"{platform.machine()}-{os.cpu_count()}cpu"
+    header = (f"# Benchmark {time.strftime('%Y-%m-%d')} on {machine}\n\n"
+              f"torch {torch.__version__}, Python {platform.python_version()}, {os.cpu_count()} cores, "
+              f"{args.steps} steps per measurement; method: see scripts/bench.py's docstring.\n\n")  # fmt: skip
+    width = max(len(r[0]) for r in rows)
+    table = "| measure | value | detail |\n|---|---|---|\n" + "".join(
+        f"| {a} | {b} | {c} |\n" for a, b, c in rows
+    )
+    for a, b, c in rows:
+        print(f"{a.ljust(width)}  {b:>10}  {c}")
+    out = Path(args.out)
+    out.mkdir(parents=True, exist_ok=True)
+    path = out / f"{time.strftime('%Y-%m-%d')}-{machine}.md"
+    path.write_text(header + table)
+    print(f"wrote {path}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
