@@ -111,6 +111,24 @@ def test_golden_loss_curve(cli, text_corpus):
     assert losses == pytest.approx(golden["train/loss"], abs=GOLDEN_ATOL)
 
 
+def test_compiled_model_follows_the_golden_curve(cli, text_corpus):
+    """model.compile=true (Inductor's C++ kernels on CPU) trains the same model: the golden curve within its
+    tolerance, and a checkpoint with the eager module's parameter names (so resume and export do not care)."""
+    args = ["train", f"data.path={text_corpus}", *TINY_GPT, "trainer.max_steps=30", "trainer.log_every_n_steps=1",
+            "trainer.val_check_interval=1000", "trainer.accelerator=cpu", "seed=7", "optim.warmup_steps=5",
+            "model.compile=true"]  # fmt: skip
+    result = cli(*args, env={"OMP_NUM_THREADS": "1"})
+    assert result.returncode == 0, result.output
+    (run_dir,) = result.run_dirs()
+    losses = column(read_metrics(run_dir), "train/loss")
+    golden = json.loads(GOLDEN.read_text())
+    assert losses == pytest.approx(golden["train/loss"], abs=GOLDEN_ATOL)
+    state = torch.load(run_dir / "checkpoints" / "last.ckpt", map_location="cpu", weights_only=True)[
+        "state_dict"
+    ]
+    assert "net.wte.weight" in state and not any("_orig_mod" in k for k in state)
+
+
 @pytest.mark.parametrize(
     "overrides",
     [

@@ -28,7 +28,7 @@ from trainer.secrets import redact, redact_override
 # Keys that say where or how a run is watched, not what is trained: they do not change its identity.
 IDENTITY_EXCLUDED = (
     "run", "resume", "logger", "checkpoint", "trainer.enable_progress_bar", "trainer.log_every_n_steps",
-    "data.num_workers", "strategy.timeout_s", "strategy.step_timeout_s", "cluster", "sweep",
+    "data.num_workers", "strategy.timeout_s", "strategy.step_timeout_s", "cluster", "sweep", "model.compile",
 )  # fmt: skip
 # Keys that must match for a checkpoint in the run directory to be continued (others may change, e.g. a
 # longer max_steps continues a finished run).

@@ -80,6 +80,9 @@ class GPTConfig:
     """Use biases in linear layers and layer norms."""
     tie_weights: bool = True
     """Share the token embedding with the output projection (saves vocab_size * n_embd parameters)."""
+    compile: bool = False
+    """``torch.compile`` the network (Inductor; on CPU it needs a C++ compiler). The first step compiles (tens
+    of seconds on a small CPU); the weights and checkpoints are the same as without it."""
 
     def __post_init__(self) -> None:
         for key in ("n_layer", "n_head", "n_embd", "block_size", "vocab_size"):

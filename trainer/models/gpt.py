@@ -118,12 +118,15 @@ class GPTModule(pl.LightningModule):
         dropout: float = 0.0,
         bias: bool = False,
         tie_weights: bool = True,
+        compile: bool = False,
         optim: Mapping[str, Any] | None = None,
     ) -> None:
         super().__init__()
         self.save_hyperparameters()
         self.optim = dict(optim or {})
         self.net = GPT(n_layer, n_head, n_embd, block_size, vocab_size, dropout, bias, tie_weights)
+        if compile:  # in place: parameter names (and so checkpoints) stay those of the eager module
+            self.net.compile()
 
     def forward(self, idx: torch.Tensor) -> torch.Tensor:
         return self.net(idx)
