@@ -27,7 +27,7 @@ def options(group: str) -> list[str]:
 def compose_typed(overrides: list[str]) -> schema.TrainConfig:
     schema.register()
     with initialize_config_dir(str(CONF), version_base="1.3"):
-        cfg = compose("train", overrides=quote_numeric_choices(overrides, GROUPS))
+        cfg = compose("train", overrides=quote_numeric_choices(overrides))
     return to_typed(cfg)
 
 

@@ -41,6 +41,14 @@ METRICS_FILE = "metrics.csv"
 CHECKPOINT_DIR = "checkpoints"
 SLURM_DIR = "slurm"
 """Job scripts, job logs and the job ledger of a run submitted to SLURM."""
+JOBS_FILE = "jobs.json"
+
+
+def jobs_file(run_dir: Path) -> Path:
+    """The ledger of the SLURM jobs that ran a run (written by ``trainer submit``)."""
+    return run_dir / SLURM_DIR / JOBS_FILE
+
+
 LAST_CHECKPOINT = "last.ckpt"
 
 

@@ -12,7 +12,7 @@ from pathlib import Path
 
 from trainer import rundir
 from trainer.launch import slurm
-from trainer.submit import LEDGER, SWEEP_LEDGER
+from trainer.sweep import ledger as sweep_ledger
 
 USAGE = """\
 usage: trainer status [DIR ...]
@@ -25,7 +25,7 @@ where the job's log is.
 
 def run_status(run_dir: Path, extra: tuple[str, ...] = ()) -> dict:
     state = rundir.read_json(run_dir / rundir.STATE_FILE) or {}
-    jobs = (rundir.read_json(run_dir / rundir.SLURM_DIR / LEDGER) or {}).get("jobs", [])
+    jobs = (rundir.read_json(rundir.jobs_file(run_dir)) or {}).get("jobs", [])
     info: dict = {
         "name": state.get("name") or run_dir.name,
         "dir": str(run_dir),
@@ -86,7 +86,7 @@ def show_run(run_dir: Path) -> None:
 
 
 def show_sweep(sweep_dir: Path) -> None:
-    ledger = rundir.read_json(sweep_dir / SWEEP_LEDGER) or {}
+    ledger = sweep_ledger.read(sweep_dir)
     trials = ledger.get("trials", [])
     jobs = ledger.get("jobs", [])
     print(f"sweep {ledger.get('name', sweep_dir.name)}  ({sweep_dir}): {len(trials)} trials"
@@ -95,8 +95,7 @@ def show_sweep(sweep_dir: Path) -> None:
     rows = []
     for t in trials:
         r = run_status(Path(t["run_dir"]), (metric,) if metric else ()) if t.get("run_dir") else {"name": "-"}
-        if t.get("state") in ("pruned", "failed", "interrupted", "pending") or not r.get("state"):
-            r["state"] = t.get("state")  # what the sweep knows beyond the run's own record
+        r["state"] = sweep_ledger.trial_state(t, r.get("state"))
         r["label"] = f"{t['index']}: {' '.join(t.get('overrides', [])) or r['name']}"
         rows.append(r)
     print_table(rows, first="TRIAL", metric=metric)
@@ -109,14 +108,14 @@ def main(argv: list[str]) -> int:
     targets = [Path(a) for a in argv] or [Path("runs")]
     code = 0
     for target in targets:
-        if (target / SWEEP_LEDGER).is_file():
+        if (target / sweep_ledger.FILE).is_file():
             show_sweep(target)
-        elif (target / rundir.STATE_FILE).is_file() or (target / rundir.SLURM_DIR / LEDGER).is_file():
+        elif (target / rundir.STATE_FILE).is_file() or rundir.jobs_file(target).is_file():
             show_run(target)
         elif target.is_dir():
             runs = sorted(p for p in target.iterdir() if (p / rundir.STATE_FILE).is_file()
-                          or (p / rundir.SLURM_DIR / LEDGER).is_file())  # fmt: skip
-            sweeps = sorted(p for p in target.iterdir() if (p / SWEEP_LEDGER).is_file())
+                          or rundir.jobs_file(p).is_file())  # fmt: skip
+            sweeps = sorted(p for p in target.iterdir() if (p / sweep_ledger.FILE).is_file())
             if runs:
                 print_table([run_status(p) for p in runs])
             for s in sweeps:

@@ -43,9 +43,6 @@ examples:
   trainer submit -m cluster=slurm optim.lr=1e-3,3e-4 model.n_layer=2,4
 """
 
-LEDGER = "jobs.json"
-SWEEP_LEDGER = ledger.FILE
-
 
 class UsageError(Exception):
     pass
@@ -83,7 +80,7 @@ def parse_args(argv: list[str]) -> Options:
 
 def previous_job(run_dir: Path) -> tuple[str, str] | None:
     """The job of this run still in the queue, as (job id, state): two jobs must never share a run dir."""
-    jobs = (rundir.read_json(run_dir / rundir.SLURM_DIR / LEDGER) or {}).get("jobs", [])
+    jobs = (rundir.read_json(rundir.jobs_file(run_dir)) or {}).get("jobs", [])
     if jobs:
         state = slurm.active(jobs[-1]["job_id"])
         if state is not None:
@@ -114,8 +111,7 @@ def prepare(opts: Options) -> Submission | None:
     from trainer.train import conf_dir, quote_numeric_choices
 
     schema.register()
-    groups = [p.name for p in Path(conf_dir()).iterdir() if p.is_dir()]
-    overrides = quote_numeric_choices(opts.overrides, groups)
+    overrides = quote_numeric_choices(opts.overrides)
     slurm.check_words("overrides", overrides)
     for override in overrides:
         key = override.split("=", 1)[0].lstrip("+~")
@@ -285,7 +281,7 @@ def write_and_submit(sub: Submission, opts: Options) -> str:
         tid = f"{job_id}_{t.index}" if job.array is not None else job_id
         log = job.log_dir / (f"{job_id}_{t.index}.out" if job.array is not None else f"{job_id}.out")
         (t.run_dir / rundir.SLURM_DIR).mkdir(parents=True, exist_ok=True)
-        record(t.run_dir / rundir.SLURM_DIR / LEDGER, {"job_id": tid, "submitted_at": when,
+        record(rundir.jobs_file(t.run_dir), {"job_id": tid, "submitted_at": when,
                                                        "script": str(script_path), "log": str(log),
                                                        "cluster": job.cluster.name})  # fmt: skip
     return job_id

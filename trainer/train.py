@@ -55,8 +55,9 @@ class _Abort(BaseException):
         self.message, self.code = message, code
 
 
-def quote_numeric_choices(args: list[str], groups: list[str]) -> list[str]:
+def quote_numeric_choices(args: list[str]) -> list[str]:
     """``precision=32`` selects the file ``precision/32.yaml``; Hydra would parse 32 as a number and refuse it."""
+    groups = [p.name for p in Path(conf_dir()).iterdir() if p.is_dir()]
 
     def numeric(text: str) -> bool:
         return text.lstrip("-").replace(".", "", 1).isdigit()
@@ -76,8 +77,7 @@ def cli_main(args: list[str]) -> int:
         from trainer.sweep.local import main as sweep_main
 
         return sweep_main(args)
-    groups = [p.name for p in Path(conf_dir()).iterdir() if p.is_dir()]
-    args = quote_numeric_choices(args, groups)
+    args = quote_numeric_choices(args)
     _ARGV[:] = args
     # Let exceptions reach us whole, so bad configs become one line and exit 2 (Hydra would print a
     # multi-line report and exit 1).

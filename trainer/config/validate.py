@@ -7,6 +7,7 @@ Everything here runs before any process is spawned and before any file is writte
 from __future__ import annotations
 
 import dataclasses
+import functools
 import glob
 import os
 from typing import Any
@@ -193,20 +194,26 @@ def _check_precision(conf: TrainConfig, accelerator: str) -> None:
         )
 
 
+@functools.lru_cache(maxsize=8)
+def _corpus_size(path: str | None, pattern: str) -> tuple[int, int]:
+    """Number of files and bytes of a corpus; cached, since a sweep checks every trial against the same one."""
+    files = resolve_text_files(path, pattern)
+    return len(files), sum(os.path.getsize(f) for f in files)
+
+
 def _check_text_corpus(conf: TrainConfig) -> None:
     """The corpus exists, has text, and fills at least one global batch (with fewer training windows than
     that, Lightning would train zero steps and call the run done). One pass over the files."""
     data = conf.data
     if not isinstance(data, TextDataConfig):
         return
-    files = resolve_text_files(data.path, data.pattern)
-    if not files:
+    count, total = _corpus_size(data.path, data.pattern)
+    if not count:
         if data.path is not None and not glob.has_magic(data.path) and not os.path.exists(data.path):
             raise ConfigError("data.path", data.path, "an existing file, directory or glob (no such path)")
         raise ConfigError(
             "data.path", data.path, f"a path whose pattern {data.pattern!r} matches files (none do)"
         )
-    total = sum(os.path.getsize(f) for f in files)
     if data.max_bytes is not None:
         total = min(total, data.max_bytes)
     if total < 2 * (data.seq_len + 1):

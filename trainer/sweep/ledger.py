@@ -46,6 +46,14 @@ def locked(sweep_dir: Path) -> Iterator[dict]:
             fcntl.flock(lock, fcntl.LOCK_UN)
 
 
+def trial_state(entry: dict, run_status: str | None) -> str | None:
+    """What to show for a trial: the sweep's own word where it knows more than the run's record (pruned,
+    failed, interrupted, not started yet), else the run's status."""
+    if entry.get("state") in ("pruned", "failed", "interrupted", "pending") or not run_status:
+        return entry.get("state")
+    return run_status
+
+
 def trial(data: dict, index: int) -> dict:
     """The entry of trial ``index`` (created if new)."""
     for entry in data["trials"]:

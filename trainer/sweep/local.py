@@ -314,11 +314,10 @@ def main(args: list[str]) -> int:
     from trainer.train import conf_dir, quote_numeric_choices
 
     schema.register()
-    groups = [p.name for p in Path(conf_dir()).iterdir() if p.is_dir()]
     with initialize_config_dir(config_dir=conf_dir(), version_base="1.3"):
         try:
             config_dir, overrides = parse_argv(args)
-            overrides = quote_numeric_choices(overrides, groups)
+            overrides = quote_numeric_choices(overrides)
             plan = plan_sweep(overrides, config_dir, "local")
             runner = Runner(plan, config_dir)
             runner.check_slots()

@@ -59,10 +59,9 @@ def trial_rows(sweep_dir: Path) -> tuple[dict, list[dict]]:
             "index": t["index"], "overrides": " ".join(t.get("overrides", [])), "run_dir": run_dir,
             "objective": last.get(metric), "steps": last.get("step"),
             "seconds": t.get("seconds") or summary.get("wall_time_s"),
-            "state": (state or {}).get("status") if t.get("state") not in ("pruned", "failed") else t["state"],
+            "state": ledger.trial_state(t, (state or {}).get("status")),
             "params": t.get("params") or dict(o.split("=", 1) for o in t.get("overrides", []) if "=" in o),
         })  # fmt: skip
-        rows[-1]["state"] = rows[-1]["state"] or t.get("state")
     maximize = data.get("direction") == "maximize"
 
     def key(r: dict) -> tuple:

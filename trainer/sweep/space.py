@@ -36,11 +36,13 @@ class Param:
     def name(self) -> str:
         return self.key.lstrip("+~")
 
+    def values(self) -> list[Any]:
+        """Every value of a discrete parameter (``choice`` or ``range``)."""
+        return list(self.choices) if self.kind == "choice" else list(_frange(self.low, self.high, self.step))
+
     def sample(self, rng: random.Random) -> Any:
-        if self.kind == "choice":
-            return rng.choice(self.choices)
-        if self.kind == "range":
-            return rng.choice(list(_frange(self.low, self.high, self.step)))
+        if self.kind in ("choice", "range"):
+            return rng.choice(self.values())
         if self.log:
             return math.exp(rng.uniform(math.log(self.low), math.log(self.high)))
         return rng.uniform(self.low, self.high)
@@ -50,7 +52,7 @@ class Param:
         if self.kind == "choice":
             return list(self.choices)
         if self.kind == "range":
-            values = list(_frange(self.low, self.high, self.step))
+            values = self.values()
             return [values[0], values[-1]]
         return [self.low, self.high]
 
@@ -147,9 +149,7 @@ def sample(space: Space, num_trials: int, seed: int) -> list[list[str]]:
     same sweep command finds the same trial run directories)."""
     rng = random.Random(seed)
     if all(p.kind != "interval" for p in space.params):  # a finite space: draw without replacement
-        combos = math.prod(len(p.choices) if p.kind == "choice" else len(list(_frange(p.low, p.high, p.step)))
-                           for p in space.params)  # fmt: skip
-        num_trials = min(num_trials, combos)
+        num_trials = min(num_trials, math.prod(len(p.values()) for p in space.params))
     trials: list[list[str]] = []
     while len(trials) < num_trials:
         trial = space.trial({p.name: p.sample(rng) for p in space.params})

@@ -66,19 +66,13 @@ def distributions(space: Space) -> dict[str, Any]:
             out[p.name] = CategoricalDistribution([format_value(c) for c in p.choices])
         elif p.kind == "range":
             if all(float(v).is_integer() for v in (p.low, p.high, p.step)):
-                values = _range_values(p)
+                values = p.values()
                 out[p.name] = IntDistribution(int(values[0]), int(values[-1]), step=int(p.step))
             else:
-                out[p.name] = CategoricalDistribution(_range_values(p))
+                out[p.name] = CategoricalDistribution(p.values())
         else:
             out[p.name] = FloatDistribution(p.low, p.high, log=p.log)
     return out
-
-
-def _range_values(p: Any) -> list[float]:
-    from trainer.sweep.space import _frange
-
-    return list(_frange(p.low, p.high, p.step))
 
 
 def values(space: Space, params: dict[str, Any]) -> dict[str, Any]:
