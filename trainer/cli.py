@@ -4,6 +4,7 @@ trainer train [hydra overrides]     train (one process, or local DDP workers)
 trainer submit [overrides]          the same run (or a -m sweep) as a SLURM job
 trainer status [run or sweep dir]   where runs and their jobs stand
 trainer report <sweep or run dir>   a table and PNG plots
+trainer export <run or checkpoint>  one consolidated weights file (e.g. from a sharded FSDP checkpoint)
 """
 
 from __future__ import annotations
@@ -20,6 +21,7 @@ commands:
             returns at once with the job id (`trainer submit --help`)
   status    runs, sweeps and their SLURM jobs: state, restarts, last step and metric, logs
   report    a sweep's trials sorted by the objective, with PNG plots; or one run's curves
+  export    a run's checkpoint (FSDP shards included) as one weights file for inference
 
 examples:
   trainer train                                   # the default experiment: a small GPT on CPU
@@ -31,11 +33,13 @@ examples:
   trainer train -m optim.lr=1e-3,3e-4 model.n_layer=2,4       # a 4-trial grid sweep here
   trainer status runs/                            # every run under runs/
   trainer report runs/sweep-gpt_quickstart-<hash>  # trials sorted by val/loss, plots
+  trainer train strategy=fsdp trainer.devices=2   # 2-process fully sharded data parallel
+  trainer export runs/<name>                      # its newest checkpoint as one file
 
 exit codes: 0 success, 2 bad configuration or usage, other: the training failed (see its output)
 """
 
-COMMANDS = ("train", "submit", "status", "report")
+COMMANDS = ("train", "submit", "status", "report", "export")
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -60,6 +64,10 @@ def main(argv: list[str] | None = None) -> int:
         from trainer.status import main as status_main
 
         return status_main(rest)
+    if command == "export":
+        from trainer.export import main as export_main
+
+        return export_main(rest)
     print(
         f"error: command {command!r}: expected one of {', '.join(COMMANDS)} (see `trainer --help`)",
         file=sys.stderr,

@@ -12,7 +12,6 @@ import os
 import signal
 import time
 import warnings
-from datetime import timedelta
 from typing import Any
 
 import pytorch_lightning as pl
@@ -40,6 +39,7 @@ from trainer.metrics.csv_logger import CSVMetricsLogger
 from trainer.metrics.progress import StepProgressBar
 from trainer.metrics.throughput import ThroughputMonitor
 from trainer.metrics.wandb_logger import SafeWandbLogger, build_wandb_logger
+from trainer.strategy import build_strategy
 from trainer.sweep import OPTUNA_ENV
 
 log = logging.getLogger("trainer")
@@ -90,19 +90,6 @@ def build_data(data_cfg: Any) -> pl.LightningDataModule:
     return module
 
 
-def build_strategy(strategy: StrategyConfig, trainer: TrainerConfig, accelerator: str) -> Any:
-    if strategy.name == "auto":
-        return "auto"
-    from pytorch_lightning.strategies import DDPStrategy
-
-    return DDPStrategy(
-        process_group_backend=strategy.backend or ("nccl" if accelerator == "gpu" else "gloo"),
-        timeout=timedelta(seconds=strategy.timeout_s),
-        find_unused_parameters=strategy.find_unused_parameters,
-        static_graph=strategy.static_graph,
-    )
-
-
 def build_trainer(
     trainer: TrainerConfig,
     strategy: StrategyConfig,
@@ -151,7 +138,7 @@ def build_trainer(
         accelerator=accelerator,
         devices=trainer.devices,
         num_nodes=trainer.num_nodes,
-        strategy=build_strategy(strategy, trainer, accelerator),
+        strategy=build_strategy(strategy, str(precision.value), accelerator),
         precision=str(precision.value),
         max_steps=trainer.max_steps,
         max_epochs=trainer.max_epochs if trainer.max_steps == -1 else -1,
@@ -337,6 +324,8 @@ def summarise(
         "metrics": str(paths.metrics),
         "checkpoint": str(paths.last_checkpoint),
         "checkpoint_saves": checkpointer.saves,
+        # FSDP: the mesh and how many parameters each rank holds (proof that they are sharded).
+        "sharding": getattr(trainer.strategy, "report", None) or None,
     }
 
 

@@ -29,8 +29,8 @@ import pytorch_lightning as pl
 import torch
 
 from trainer.checkpoint.manifest import (
-    manifest_path,
     read_manifest,
+    remove_checkpoint,
     step_checkpoint_name,
     step_checkpoints,
     write_manifest,
@@ -89,6 +89,18 @@ def restore_rng(state: dict[str, Any]) -> None:
     torch.set_rng_state(state["torch"])
     if "cuda" in state and torch.cuda.is_available():
         torch.cuda.set_rng_state_all(state["cuda"])
+
+
+def _grads_finite(params: list[torch.Tensor]) -> bool:
+    """Whether every gradient is finite. Sharded (FSDP) gradients are checked shard by shard and the verdict
+    is agreed between ranks, so all of them skip a step or none does."""
+    grads = [p.grad.to_local() if hasattr(p.grad, "to_local") else p.grad for p in params]
+    finite = torch.isfinite(torch.stack(torch._foreach_norm(grads))).all()
+    if not any(hasattr(p.grad, "to_local") for p in params):
+        return bool(finite)
+    flag = torch.tensor([0.0 if finite else 1.0], device=grads[0].device)
+    torch.distributed.all_reduce(flag, op=torch.distributed.ReduceOp.MAX)
+    return flag.item() == 0.0
 
 
 class Checkpointer(pl.Callback):
@@ -200,10 +212,8 @@ class Checkpointer(pl.Callback):
         reason = self._nonfinite_pending
         # Gradients are all-reduced already, so every rank sees the same verdict (fp16 overflow is the
         # grad scaler's business, it skips those steps itself).
-        if reason is None and trainer.precision != "16-mixed":
-            norms = torch._foreach_norm([p.grad for p in params])
-            if not torch.isfinite(torch.stack(norms)).all():
-                reason = "gradient"
+        if reason is None and trainer.precision != "16-mixed" and not _grads_finite(params):
+            reason = "gradient"
         if reason is None:
             return
         for p in params:
@@ -280,7 +290,12 @@ class Checkpointer(pl.Callback):
         if trainer.is_global_zero:
             self._link_last(path)
             self._retain()
-            written = getattr(trainer.strategy.checkpoint_io, "last_write", {}) or {}
+            # Sharded checkpoints are written by the strategy itself (FSDP2Strategy), others by the IO plugin.
+            written = (
+                getattr(trainer.strategy, "last_write", None)
+                or getattr(trainer.strategy.checkpoint_io, "last_write", None)
+                or {}
+            )
             stats = {
                 "step": step,
                 "stall_s": stall,
@@ -305,10 +320,13 @@ class Checkpointer(pl.Callback):
         last = self.directory / LAST
         tmp = self.directory / f".{LAST}.tmp"
         tmp.unlink(missing_ok=True)
-        try:
-            os.link(path, tmp)  # a hard link: no second copy of the bytes
-        except OSError:
-            shutil.copy2(path, tmp)
+        if path.is_dir():  # a sharded checkpoint: a relative symbolic link (directories take no hard links)
+            os.symlink(path.name, tmp)
+        else:
+            try:
+                os.link(path, tmp)  # a hard link: no second copy of the bytes
+            except OSError:
+                shutil.copy2(path, tmp)
         os.replace(tmp, last)
         manifest = read_manifest(path) or {}
         write_manifest(last, dict(manifest, file=LAST, source=path.name))
@@ -317,7 +335,7 @@ class Checkpointer(pl.Callback):
         entries = []
         for step, path in step_checkpoints(self.directory):  # newest first
             if read_manifest(path) is None:  # a write that never finished (killed): never valid, remove it
-                path.unlink(missing_ok=True)
+                remove_checkpoint(path)
             else:
                 entries.append((step, path))
         keep = {p for _, p in entries[: self.keep_last_k]}
@@ -331,8 +349,7 @@ class Checkpointer(pl.Callback):
             keep |= {p for _, p in scored[: self.keep_best_k]}
         for _, path in entries:
             if path not in keep:
-                path.unlink(missing_ok=True)
-                manifest_path(path).unlink(missing_ok=True)
+                remove_checkpoint(path)
 
     # ------------------------------------------------------------------ distributed helpers
 

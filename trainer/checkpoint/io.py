@@ -11,7 +11,7 @@ from typing import Any
 import torch
 from lightning_fabric.plugins.io.torch_io import TorchCheckpointIO
 
-from trainer.checkpoint.manifest import write_manifest
+from trainer.checkpoint.manifest import checkpoint_manifest, fsync_dir, write_manifest
 
 
 class _HashingWriter:
@@ -53,18 +53,13 @@ class AtomicCheckpointIO(TorchCheckpointIO):
             f.flush()
             os.fsync(f.fileno())
         os.replace(tmp, target)
-        _fsync_dir(target.parent)  # make the rename itself durable
+        fsync_dir(target.parent)  # make the rename itself durable
         seconds = time.perf_counter() - started
         self.last_write = {"bytes": writer.bytes, "seconds": seconds}
-        manifest = {
-            "file": target.name,
-            "bytes": writer.bytes,
-            "sha256": writer.sha256.hexdigest(),
-            "step": int(checkpoint.get("global_step", 0)),
-            "epoch": int(checkpoint.get("epoch", 0)),
-            "created": time.time(),
-            "write_seconds": seconds,
-        }
+        manifest = checkpoint_manifest(
+            target.name, writer.bytes, writer.sha256.hexdigest(), int(checkpoint.get("global_step", 0)),
+            int(checkpoint.get("epoch", 0)), seconds,
+        )  # fmt: skip
         manifest.update((storage_options or {}).get("manifest", {}))
         write_manifest(target, manifest)
 
@@ -73,11 +68,3 @@ class AtomicCheckpointIO(TorchCheckpointIO):
     ) -> dict[str, Any]:
         # Never unpickle arbitrary objects: a checkpoint file must not be able to run code when loaded.
         return super().load_checkpoint(path, map_location=map_location, weights_only=True)
-
-
-def _fsync_dir(directory: Path) -> None:
-    fd = os.open(directory, os.O_RDONLY)
-    try:
-        os.fsync(fd)
-    finally:
-        os.close(fd)

@@ -12,6 +12,8 @@ import hashlib
 import json
 import os
 import re
+import shutil
+import time
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -55,11 +57,35 @@ def sha256_file(path: Path, chunk: int = 1 << 22) -> str:
     return digest.hexdigest()
 
 
+def checkpoint_manifest(name: str, size: int, sha256: str, step: int, epoch: int, seconds: float) -> dict:
+    """The fields every checkpoint's manifest has, file or sharded directory."""
+    return {"file": name, "bytes": size, "sha256": sha256, "step": step, "epoch": epoch,
+            "created": time.time(), "write_seconds": seconds}  # fmt: skip
+
+
+def combined_digest(files: dict[str, dict]) -> str:
+    """One SHA-256 for a sharded (directory) checkpoint, over each file's name, size and SHA-256."""
+    digest = hashlib.sha256()
+    for name in sorted(files):
+        digest.update(f"{name}\0{files[name]['bytes']}\0{files[name]['sha256']}\n".encode())
+    return digest.hexdigest()
+
+
+def fsync_dir(directory: Path) -> None:
+    fd = os.open(directory, os.O_RDONLY)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+
+
 def verify(checkpoint: Path) -> str | None:
     """None when the checkpoint is complete and intact; otherwise why not, in a few words."""
     manifest = read_manifest(checkpoint)
     if manifest is None:
         return "no manifest (the write did not finish)"
+    if checkpoint.is_dir() or "files" in manifest:
+        return _verify_dir(checkpoint, manifest)
     try:
         size = checkpoint.stat().st_size
     except OSError:
@@ -69,6 +95,35 @@ def verify(checkpoint: Path) -> str | None:
     if sha256_file(checkpoint) != manifest.get("sha256"):
         return "checksum mismatch"
     return None
+
+
+def _verify_dir(checkpoint: Path, manifest: dict) -> str | None:
+    """A sharded checkpoint (a DCP directory): every file the manifest lists, with its size and SHA-256."""
+    files = manifest.get("files")
+    if not checkpoint.is_dir() or not isinstance(files, dict):
+        return "directory missing"
+    for name, entry in sorted(files.items()):
+        path = checkpoint / name
+        try:
+            size = path.stat().st_size
+        except OSError:
+            return f"shard {name} missing"
+        if size != entry.get("bytes"):
+            return f"shard {name} truncated ({size} of {entry.get('bytes')} bytes)"
+        if sha256_file(path) != entry.get("sha256"):
+            return f"shard {name}: checksum mismatch"
+    if combined_digest(files) != manifest.get("sha256"):
+        return "manifest inconsistent"
+    return None
+
+
+def remove_checkpoint(path: Path) -> None:
+    """A checkpoint file or sharded directory, and its manifest."""
+    if path.is_dir() and not path.is_symlink():
+        shutil.rmtree(path, ignore_errors=True)
+    else:
+        path.unlink(missing_ok=True)
+    manifest_path(path).unlink(missing_ok=True)
 
 
 @dataclass(frozen=True)
@@ -81,7 +136,7 @@ class Found:
 
 
 def step_checkpoints(directory: Path) -> list[tuple[int, Path]]:
-    """``step-N.ckpt`` files of a checkpoint directory, newest first (by the step in their name)."""
+    """``step-N.ckpt`` files (or sharded directories) of a checkpoint directory, newest first (by the step in their name)."""
     if not directory.is_dir():
         return []
     found = [(int(m.group(1)), p) for p in directory.iterdir() if (m := STEP_NAME.match(p.name))]

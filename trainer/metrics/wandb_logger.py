@@ -116,7 +116,10 @@ class SafeWandbLogger(WandbLogger):
             import wandb
 
             artifact = wandb.Artifact(name=f"model-{self.experiment.id}", type="model")
-            artifact.add_file(str(path), name=path.name)
+            if path.is_dir():  # a sharded checkpoint (FSDP)
+                artifact.add_dir(str(path.resolve()), name=path.name)
+            else:
+                artifact.add_file(str(path), name=path.name)
             self.experiment.log_artifact(artifact, aliases=["latest"])
         except Exception as err:
             self._disable(err)

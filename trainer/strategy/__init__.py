@@ -1,0 +1,34 @@
+"""How the model is spread over processes: the Lightning strategy for ``strategy.name``."""
+
+from __future__ import annotations
+
+from datetime import timedelta
+from typing import Any
+
+from trainer.config.schema import StrategyConfig
+
+
+def build_strategy(strategy: StrategyConfig, precision: str, accelerator: str) -> Any:
+    if strategy.name == "auto":
+        return "auto"
+    backend = strategy.backend or ("nccl" if accelerator == "gpu" else "gloo")
+    timeout = timedelta(seconds=strategy.timeout_s)
+    if strategy.name == "fsdp":
+        from trainer.strategy.fsdp import FSDP2Strategy
+
+        return FSDP2Strategy(
+            sharding=strategy.sharding,
+            activation_checkpointing=strategy.activation_checkpointing,
+            cpu_offload=strategy.cpu_offload,
+            precision=precision,
+            process_group_backend=backend,
+            timeout=timeout,
+        )
+    from pytorch_lightning.strategies import DDPStrategy
+
+    return DDPStrategy(
+        process_group_backend=backend,
+        timeout=timeout,
+        find_unused_parameters=strategy.find_unused_parameters,
+        static_graph=strategy.static_graph,
+    )

@@ -1,0 +1,260 @@
+"""FSDP2 (``torch.distributed.fsdp.fully_shard``) as a Lightning strategy, for any LightningModule.
+
+Built on Lightning's ``ModelParallelStrategy`` (process group, device mesh, DCP save/load), which is the
+route to FSDP2 that also runs on CPU over gloo; Lightning's ``FSDPStrategy`` is FSDP1 and refuses CPU. Two
+things differ from Lightning's strategy:
+
+- The sharding is applied here, from ``strategy`` config, instead of in each model's ``configure_model``:
+  the model code stays free of distributed code (the same ``GPT`` trains under auto, DDP and FSDP, and a
+  hand-written loop uses it too). A module can name its own sharding units with ``fsdp_units()``; otherwise
+  every entry of every ``nn.ModuleList`` is one (the transformer blocks) and the root takes the rest.
+- Checkpoints are published like every other checkpoint of the project: written under a hidden name, then
+  renamed into place, then described by a manifest listing each file's size and SHA-256 (each rank hashes
+  its own shard file, so the cost does not grow with the number of ranks).
+"""
+
+from __future__ import annotations
+
+import hashlib
+import logging
+import os
+import shutil
+import time
+from datetime import timedelta
+from pathlib import Path
+from typing import Any
+
+import pytorch_lightning as pl
+import torch
+from lightning_fabric.utilities.init import _materialize_distributed_module
+from lightning_fabric.utilities.optimizer import _optimizers_to_device
+from pytorch_lightning.strategies import ModelParallelStrategy
+from pytorch_lightning.trainer.states import TrainerFn
+from torch import nn
+
+from trainer.checkpoint.manifest import checkpoint_manifest, combined_digest, fsync_dir, write_manifest
+
+log = logging.getLogger("trainer")
+
+
+def sharding_units(module: nn.Module) -> list[nn.Module]:
+    """The submodules that get their own ``fully_shard`` call (their parameters are gathered together)."""
+    own = getattr(module, "fsdp_units", None)
+    if callable(own):
+        return list(own())
+    units: list[nn.Module] = []
+    for child in module.modules():
+        if isinstance(child, nn.ModuleList) and not any(child is u or _contains(u, child) for u in units):
+            units.extend(child)
+    return units
+
+
+def _roots(module: nn.Module) -> list[nn.Module]:
+    own = [name for name, _ in module.named_parameters(recurse=False)]
+    if own:
+        raise ValueError(
+            f"strategy=fsdp: {type(module).__name__} holds parameters itself ({', '.join(own)}); "
+            "FSDP shards submodules, so put them in one"
+        )
+    return [child for child in module.children() if any(True for _ in child.parameters())]
+
+
+def _contains(outer: nn.Module, inner: nn.Module) -> bool:
+    return any(m is inner for m in outer.modules())
+
+
+def _wrap_in_place(root: nn.Module, targets: list[nn.Module], wrap: Any) -> list[nn.Module]:
+    """Replace each target by ``wrap(target)`` in its parent; returns the wrapped modules."""
+    wanted = {id(t) for t in targets}
+    wrapped: list[nn.Module] = []
+    for parent in list(root.modules()):
+        for name, child in list(parent.named_children()):
+            if id(child) in wanted:
+                new = wrap(child)
+                setattr(parent, name, new) if not isinstance(parent, nn.ModuleList) else parent.__setitem__(
+                    int(name), new
+                )
+                wrapped.append(new)
+    return wrapped
+
+
+class FSDP2Strategy(ModelParallelStrategy):
+    """Fully sharded data parallel over all ranks (``full``) or within each node, replicated across nodes
+    (``hybrid``); optional per-unit activation checkpointing, CPU offload and bf16 parameters with fp32
+    gradient reduction (``precision=bf16-mixed``)."""
+
+    def __init__(
+        self,
+        *,
+        sharding: str,
+        activation_checkpointing: bool,
+        cpu_offload: bool,
+        precision: str,
+        process_group_backend: str,
+        timeout: timedelta,
+    ) -> None:
+        # One data-parallel dimension over every rank: the sampler then gives each rank its own samples.
+        super().__init__(
+            data_parallel_size="auto",
+            tensor_parallel_size=1,
+            save_distributed_checkpoint=True,
+            process_group_backend=process_group_backend,
+            timeout=timeout,
+        )
+        self.sharding, self.activation_checkpointing, self.cpu_offload = (
+            sharding,
+            activation_checkpointing,
+            cpu_offload,
+        )
+        self.precision_name = precision
+        self.report: dict[str, Any] = {}
+        self.last_write: dict[str, float] = {}
+
+    def setup_environment(self) -> None:
+        # Every rank is one data-parallel replica slot (Lightning's "auto" would make it the node count).
+        self._data_parallel_size = self.num_nodes * self.num_processes
+        super().setup_environment()
+
+    # ------------------------------------------------------------------ sharding
+
+    def setup(self, trainer: pl.Trainer) -> None:
+        # ModelParallelStrategy.setup, minus its demand that the module shards itself in configure_model:
+        # here the sharding comes from the strategy's own config (see the module docstring).
+        assert self.model is not None and self.accelerator is not None
+        self.accelerator.setup(trainer)
+        self.model = self.precision_plugin.convert_module(self.model)  # bf16-true: cast before sharding
+        self._shard(self.model)
+        _materialize_distributed_module(self.model, self.root_device)
+        self.model_to_device()
+        self.barrier()
+        if trainer.state.fn == TrainerFn.FITTING:
+            self.setup_optimizers(trainer)
+        self.setup_precision_plugin()
+        if trainer.state.fn == TrainerFn.FITTING:
+            _optimizers_to_device(self.optimizers, self.root_device)
+
+    def model_to_device(self) -> None:
+        if not self.cpu_offload:  # offloaded shards live in CPU memory; FSDP moves them itself
+            super().model_to_device()
+
+    def _mesh(self) -> Any:
+        if self.sharding == "hybrid" and self.num_nodes > 1:
+            from torch.distributed.device_mesh import init_device_mesh
+
+            return init_device_mesh(
+                self.root_device.type,
+                (self.num_nodes, self.num_processes),
+                mesh_dim_names=("replicate", "shard"),
+            )
+        return self.device_mesh["data_parallel"]
+
+    def _shard(self, module: nn.Module) -> None:
+        from torch.distributed.fsdp import CPUOffloadPolicy, MixedPrecisionPolicy, OffloadPolicy, fully_shard
+
+        units = sharding_units(module)
+        if self.activation_checkpointing and units:
+            from torch.distributed.algorithms._checkpoint.checkpoint_wrapper import checkpoint_wrapper
+
+            # The wrapper's state-dict hooks strip its prefix: checkpoints are the same with and without it.
+            units = _wrap_in_place(module, units, checkpoint_wrapper)
+        mesh = self._mesh()
+        mp = (
+            MixedPrecisionPolicy(param_dtype=torch.bfloat16, reduce_dtype=torch.float32)
+            if self.precision_name == "bf16-mixed"
+            else MixedPrecisionPolicy()
+        )
+        offload = CPUOffloadPolicy() if self.cpu_offload else OffloadPolicy()
+        for unit in units:
+            fully_shard(unit, mesh=mesh, mp_policy=mp, offload_policy=offload)
+        # The roots gather what no unit holds (embeddings, final norm, head). FSDP gathers a module's
+        # parameters in a hook on its forward, and a LightningModule's training_step calls its submodules
+        # rather than its own forward: so each direct child with parameters is a root, not the module itself.
+        for root in _roots(module):
+            # Needed again right after the forward for the backward: not resharded in between.
+            fully_shard(root, mesh=mesh, mp_policy=mp, offload_policy=offload, reshard_after_forward=False)
+        self._record(module, units, mesh)
+
+    def _record(self, module: nn.Module, units: list[nn.Module], mesh: Any) -> None:
+        from torch.distributed.tensor import DTensor
+
+        params = list(module.parameters())
+        total = sum(p.numel() for p in params)
+        local = sum(p.to_local().numel() if isinstance(p, DTensor) else p.numel() for p in params)
+        locals_ = [local]
+        if torch.distributed.is_initialized():
+            locals_ = [None] * self.world_size  # type: ignore[list-item]
+            torch.distributed.all_gather_object(locals_, local)
+        self.report = {
+            "strategy": "fsdp",
+            "sharding": self.sharding if self.num_nodes > 1 else "full",
+            "mesh": {name: int(size) for name, size in zip(mesh.mesh_dim_names, mesh.shape, strict=True)},
+            "units": len(units),
+            "activation_checkpointing": self.activation_checkpointing,
+            "cpu_offload": self.cpu_offload,
+            "param_dtype": "bfloat16"
+            if self.precision_name == "bf16-mixed"
+            else str(params[0].dtype).split(".")[-1],
+            "params": total,
+            "params_per_rank": locals_,
+        }
+        if self.global_rank == 0:
+            log.info(
+                "fsdp: %s sharding over %s, %d units + root, %.2fM parameters, %.2fM on rank 0",
+                self.report["sharding"], self.report["mesh"], len(units), total / 1e6, local / 1e6,
+            )  # fmt: skip
+
+    # ------------------------------------------------------------------ checkpoints
+
+    def save_checkpoint(self, checkpoint: dict[str, Any], filepath: Any, storage_options: Any = None) -> None:
+        """A DCP directory, published atomically with a manifest (``storage_options["manifest"]`` adds fields)."""
+        target = Path(self.broadcast(str(filepath)))
+        tmp = target.with_name(f".{target.name}.tmp")
+        if self.global_rank == 0:
+            shutil.rmtree(tmp, ignore_errors=True)  # left by a save that was killed
+        self.barrier()
+        started = time.perf_counter()
+        step, epoch = int(checkpoint.get("global_step", 0)), int(checkpoint.get("epoch", 0))
+        super().save_checkpoint(checkpoint, tmp)  # collective: each rank writes its shards, rank 0 meta.pt
+        own = _hash_files(tmp, lambda name: name.startswith(f"__{self.global_rank}_"))
+        gathered: list[Any] = [own]
+        if torch.distributed.is_initialized():
+            gathered = [None] * self.world_size
+            torch.distributed.all_gather_object(gathered, own)
+        if self.global_rank == 0:
+            files: dict[str, dict] = {}
+            for part in gathered:
+                files.update(part)
+            files.update(_hash_files(tmp, lambda name: name not in files, fsync=True))
+            fsync_dir(tmp)
+            if target.exists():  # a save at the same step (e.g. end of run right after a periodic one)
+                shutil.rmtree(target) if target.is_dir() else target.unlink()
+            os.replace(tmp, target)
+            fsync_dir(target.parent)
+            seconds = time.perf_counter() - started
+            size = sum(f["bytes"] for f in files.values())
+            self.last_write = {"bytes": size, "seconds": seconds}
+            manifest = checkpoint_manifest(target.name, size, combined_digest(files), step, epoch, seconds)
+            manifest["files"] = files
+            manifest.update((storage_options or {}).get("manifest", {}))
+            write_manifest(target, manifest)
+        self.barrier()
+
+    def load_checkpoint(self, checkpoint_path: Any, weights_only: bool | None = None) -> dict[str, Any]:
+        # Never unpickle arbitrary objects (meta.pt, or a full checkpoint file from a DDP run).
+        return super().load_checkpoint(checkpoint_path, weights_only=True)
+
+
+def _hash_files(folder: Path, wanted: Any, fsync: bool = False) -> dict[str, dict]:
+    out: dict[str, dict] = {}
+    for path in sorted(folder.iterdir()):
+        if not path.is_file() or not wanted(path.name):
+            continue
+        digest, size = hashlib.sha256(), 0
+        with path.open("rb") as f:
+            while block := f.read(1 << 22):
+                digest.update(block)
+                size += len(block)
+            if fsync:
+                os.fsync(f.fileno())
+        out[path.name] = {"bytes": size, "sha256": digest.hexdigest()}
+    return out
