@@ -9,12 +9,14 @@ from __future__ import annotations
 
 import csv
 import os
+import signal
 import subprocess
 import sys
 from dataclasses import dataclass
 from pathlib import Path
 
 import pytest
+import torch
 
 REPO = Path(__file__).resolve().parents[1]
 
@@ -135,3 +137,49 @@ def worker_pid(launcher: subprocess.Popen, rank: int) -> int:
         if f"\0RANK={rank}\0".encode() in b"\0" + Path(f"/proc/{pid}/environ").read_bytes():
             return int(pid)
     raise AssertionError(f"no worker with RANK={rank} among {children}")
+
+
+def assert_bitwise_equal(a: object, b: object, where: str = "") -> None:
+    if isinstance(a, dict):
+        assert isinstance(b, dict) and a.keys() == b.keys(), where
+        for k in a:
+            assert_bitwise_equal(a[k], b[k], f"{where}.{k}")
+    elif isinstance(a, (list, tuple)):
+        assert len(a) == len(b), where
+        for i, (x, y) in enumerate(zip(a, b, strict=True)):
+            assert_bitwise_equal(x, y, f"{where}[{i}]")
+    elif isinstance(a, torch.Tensor):
+        assert torch.equal(a, b), f"{where} differs (max abs diff {(a.float() - b.float()).abs().max()})"
+    else:
+        assert a == b, where
+
+
+def interrupted_run(
+    tmp_path: Path, env: dict, args: list[str], stops: list[tuple[int, str]], name: str
+) -> Path:
+    """Run, stopping at each (step, how) with how in {"usr1", "term", "kill"}; then run to the end."""
+    run_dir = tmp_path / "runs" / name
+    for step, how in stops:
+        proc = start_train(tmp_path, [*args, f"run.name={name}"], env)
+        seen = wait_for_step(run_dir, step, proc)
+        sig = {"usr1": signal.SIGUSR1, "term": signal.SIGTERM, "kill": signal.SIGKILL}[how]
+        os.kill(proc.pid, sig)
+        out, _ = proc.communicate(timeout=120)
+        expected = -signal.SIGKILL if how == "kill" else 75
+        assert proc.returncode == expected, out
+        if how != "kill":
+            assert "preempted by a signal: checkpoint saved at step" in out
+            saved = max(int(r["step"]) for r in read_metrics(run_dir))
+            assert saved >= seen
+    proc = start_train(tmp_path, [*args, f"run.name={name}"], env)
+    out, _ = proc.communicate(timeout=300)
+    assert proc.returncode == 0, out
+    assert "resuming" in out
+    return run_dir
+
+
+def reference_run(tmp_path: Path, env: dict, args: list[str]) -> Path:
+    proc = start_train(tmp_path, [*args, "run.name=reference"], env)
+    out, _ = proc.communicate(timeout=300)
+    assert proc.returncode == 0, out
+    return tmp_path / "runs" / "reference"

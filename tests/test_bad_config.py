@@ -43,9 +43,23 @@ def cases(tmp: Path) -> list[tuple[list[str], str]]:
             "precision=16-mixed: expected 32, bf16-mixed or bf16-true on cpu",
         ),
         (["strategy=ddp", f"trainer.devices={(os.cpu_count() or 1) + 1}"], "expected at most"),
-        (["trainer.devices=2"], "trainer.devices=2: expected 1 with strategy=auto"),
+        (
+            ["trainer.devices=2"],
+            "trainer.devices=2: expected 1 with strategy=auto (use strategy=ddp or strategy=fsdp",
+        ),
         (["trainer.num_nodes=2"], "trainer.num_nodes=2: expected 1 here"),
-        (["strategy=fsdp"], "strategy=fsdp: expected auto or ddp"),
+        (
+            ["strategy=fsdp", "strategy.cpu_offload=true", "trainer.accelerator=cpu"],
+            "strategy.cpu_offload=true: expected false on cpu",
+        ),
+        (
+            ["strategy=fsdp", "precision=16-mixed"],
+            "precision=16-mixed: expected 32, bf16-mixed or bf16-true with strategy=fsdp",
+        ),
+        (
+            ["strategy=fsdp", "strategy.sharding=zero3"],
+            "strategy.sharding=zero3: expected one of full, hybrid",
+        ),
         (["trainer.accelerator=tpu"], "trainer.accelerator=tpu: expected one of auto, cpu, gpu, cuda, mps"),
         (["model=mlp"], "data=text: expected data=digits for model=mlp"),
         (

@@ -3,13 +3,19 @@ same parameters, bit for bit, as a run that was never interrupted (CPU, fp32).""
 
 from __future__ import annotations
 
-import os
-import signal
 from pathlib import Path
 
 import pytest
 import torch
-from conftest import clean_env, column, read_metrics, start_train, wait_for_step
+from conftest import (
+    assert_bitwise_equal,
+    clean_env,
+    column,
+    interrupted_run,
+    read_metrics,
+    reference_run,
+    start_train,
+)
 
 DIGITS = ["experiment=digits_mlp", "trainer.max_steps=120", "trainer.log_every_n_steps=1",
           "trainer.val_check_interval=25", "checkpoint.every_n_steps=7", "trainer.enable_progress_bar=false",
@@ -25,55 +31,9 @@ def final_state(run_dir: Path) -> dict:
     return {"model": ckpt["state_dict"], "optim": ckpt["optimizer_states"], "step": ckpt["global_step"]}
 
 
-def assert_bitwise_equal(a: object, b: object, where: str = "") -> None:
-    if isinstance(a, dict):
-        assert isinstance(b, dict) and a.keys() == b.keys(), where
-        for k in a:
-            assert_bitwise_equal(a[k], b[k], f"{where}.{k}")
-    elif isinstance(a, (list, tuple)):
-        assert len(a) == len(b), where
-        for i, (x, y) in enumerate(zip(a, b, strict=True)):
-            assert_bitwise_equal(x, y, f"{where}[{i}]")
-    elif isinstance(a, torch.Tensor):
-        assert torch.equal(a, b), f"{where} differs (max abs diff {(a.float() - b.float()).abs().max()})"
-    else:
-        assert a == b, where
-
-
 @pytest.fixture
 def env(tmp_path: Path) -> dict:
     return clean_env(tmp_path, OMP_NUM_THREADS="1")
-
-
-def interrupted_run(
-    tmp_path: Path, env: dict, args: list[str], stops: list[tuple[int, str]], name: str
-) -> Path:
-    """Run, stopping at each (step, how) with how in {"usr1", "term", "kill"}; then run to the end."""
-    run_dir = tmp_path / "runs" / name
-    for step, how in stops:
-        proc = start_train(tmp_path, [*args, f"run.name={name}"], env)
-        seen = wait_for_step(run_dir, step, proc)
-        sig = {"usr1": signal.SIGUSR1, "term": signal.SIGTERM, "kill": signal.SIGKILL}[how]
-        os.kill(proc.pid, sig)
-        out, _ = proc.communicate(timeout=120)
-        expected = -signal.SIGKILL if how == "kill" else 75
-        assert proc.returncode == expected, out
-        if how != "kill":
-            assert "preempted by a signal: checkpoint saved at step" in out
-            saved = max(int(r["step"]) for r in read_metrics(run_dir))
-            assert saved >= seen
-    proc = start_train(tmp_path, [*args, f"run.name={name}"], env)
-    out, _ = proc.communicate(timeout=300)
-    assert proc.returncode == 0, out
-    assert "resuming" in out
-    return run_dir
-
-
-def reference_run(tmp_path: Path, env: dict, args: list[str]) -> Path:
-    proc = start_train(tmp_path, [*args, "run.name=reference"], env)
-    out, _ = proc.communicate(timeout=300)
-    assert proc.returncode == 0, out
-    return tmp_path / "runs" / "reference"
 
 
 @pytest.mark.slow

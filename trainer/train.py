@@ -121,7 +121,7 @@ def prepare(cfg: DictConfig) -> Prepared:
     from hydra.core.hydra_config import HydraConfig
 
     from trainer import rundir
-    from trainer.config.validate import check, check_components, to_typed
+    from trainer.config.validate import check, check_checkpoint_format, check_components, to_typed
     from trainer.launch.local import PLAN_ENV
 
     hydra_cfg = HydraConfig.get()
@@ -137,6 +137,7 @@ def prepare(cfg: DictConfig) -> Prepared:
             paths, resolved, conf.resume, rank_zero=env_rank() == 0,
             allow_config_change=conf.checkpoint.allow_config_change,
         )  # fmt: skip
+    check_checkpoint_format(plan.checkpoint, conf.strategy.name)
     # The run's identity is passed on spelled out (see run), so it is not part of the recorded overrides.
     overrides = [
         o for o in hydra_cfg.overrides.task if o.split("=", 1)[0].lstrip("+~") not in ("run.name", "run.dir")

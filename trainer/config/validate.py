@@ -128,6 +128,7 @@ def check(conf: TrainConfig) -> str:
             f"at most {available} (the {accelerator} devices of this machine)",
         )
     _check_precision(conf, accelerator)
+    _check_offload(conf, accelerator)
     if str(conf.precision.value).startswith("bf16") and accelerator == "gpu":
         import torch
 
@@ -160,6 +161,7 @@ def check_for_cluster(conf: TrainConfig) -> str:
             f"{trainer.devices}: one training process per GPU, and trainer.devices={trainer.devices}",
         )  # fmt: skip
     _check_precision(conf, accelerator)
+    _check_offload(conf, accelerator)
     if cluster.signal not in conf.checkpoint.save_on_signals:
         raise ConfigError(
             "cluster.signal", cluster.signal,
@@ -187,11 +189,32 @@ def _check_portable(conf: TrainConfig) -> None:
         raise ConfigError("resume", conf.resume, "auto, never or the path of an existing checkpoint")
 
 
+def check_checkpoint_format(checkpoint: str | None, strategy: str) -> None:
+    """A sharded (FSDP) checkpoint is a directory that only ``strategy=fsdp`` reads; it reshards to any number
+    of ranks, so that is the way on (or export it to one file first)."""
+    if checkpoint and strategy != "fsdp" and os.path.isdir(checkpoint):
+        raise ConfigError(
+            "strategy", strategy,
+            f"fsdp (with any trainer.devices) to continue from the sharded checkpoint {checkpoint}; "
+            "`trainer export` turns it into one file for other uses",
+        )  # fmt: skip
+
+
 def _check_precision(conf: TrainConfig, accelerator: str) -> None:
     precision = str(conf.precision.value)
     if precision == "16-mixed" and accelerator != "gpu":
         raise ConfigError(
             "precision", precision, f"32, bf16-mixed or bf16-true on {accelerator} (16-mixed needs CUDA)"
+        )
+
+
+def _check_offload(conf: TrainConfig, accelerator: str) -> None:
+    if conf.strategy.name == "fsdp" and conf.strategy.cpu_offload and accelerator != "gpu":
+        # FSDP2's offload moves shards between GPU and host memory; on CPU they are in host memory already.
+        raise ConfigError(
+            "strategy.cpu_offload",
+            "true",
+            f"false on {accelerator} (it offloads GPU memory; here it already is CPU memory)",
         )
 
 

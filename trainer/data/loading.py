@@ -5,7 +5,7 @@ generator seeded with ``seed + epoch`` and gives rank r the samples r, r + world
 process with batch 2B and two processes with batch B see the same samples at every step, and Lightning does
 not replace the sampler (it only injects its own where the sampler is not a ``DistributedSampler``).
 
-Resuming: the loader's state is (epoch, batches already trained in that epoch). Lightning stores it in the
+Resuming: the loader's state is (epoch, samples already trained in that epoch, number of ranks). Lightning stores it in the
 checkpoint and hands it back before the epoch restarts; the sampler then skips exactly those samples, so
 the rest of the epoch is the same as in an uninterrupted run. The trained-batch count comes from Lightning's
 progress counter, not from the loader: Lightning fetches one batch ahead, so the loader's own count would be
@@ -78,11 +78,24 @@ class ResumableDataLoader(DataLoader):
         epoch, restored_samples, restored_batches = self._restored
         if epoch == self.sampler.epoch and done >= restored_batches:
             samples = restored_samples + (done - restored_batches) * int(self.batch_size or 1)
-        return {"epoch": int(self.sampler.epoch), "samples_done": samples, "batches_done": done}
+        return {"epoch": int(self.sampler.epoch), "samples_done": samples, "batches_done": done,
+                "world_size": int(self.sampler.num_replicas)}  # fmt: skip
 
     def load_state_dict(self, state: dict[str, int]) -> None:
         self.sampler.epoch = int(state["epoch"])
         skip = int(state.get("samples_done", int(state.get("batches_done", 0)) * int(self.batch_size or 1)))
+        # Samples per rank. Saved by another number of ranks (e.g. a sharded checkpoint resumed on fewer):
+        # rank r takes every world-th sample of one order, so the position in that order is what carries over.
+        saved_world, world = (
+            int(state.get("world_size", self.sampler.num_replicas)),
+            self.sampler.num_replicas,
+        )
+        if saved_world != world:
+            position = skip * saved_world
+            if position % world:
+                log.warning("data: %d samples done by %d ranks do not split over %d; %d left out of this epoch",
+                            position, saved_world, world, position % world)  # fmt: skip
+            skip = position // world
         self._restored = (self.sampler.epoch, skip, int(state.get("batches_done", 0)))
         if skip >= self.sampler.consumed_per_epoch:  # that epoch was complete: the next pass starts the next
             self.sampler.finished = True
