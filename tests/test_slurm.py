@@ -169,6 +169,30 @@ def test_two_node_ddp_trains_like_two_local_processes(tmp_path, env):
         torch.testing.assert_close(remote[name], tensor, rtol=0, atol=1e-6, msg=name)
 
 
+def test_hybrid_fsdp_shards_within_nodes_and_replicates_across(tmp_path, env):
+    """2 nodes x 2 ranks, strategy.sharding=hybrid: a (replicate=2, shard=2) mesh, each rank holds half of
+    the parameters (full sharding over 4 ranks would hold a quarter), and training equals local DDP."""
+    gpt = ["model=gpt", "data=synthetic", "model.n_layer=2", "model.n_head=2", "model.n_embd=64",
+           "model.block_size=32", "trainer.accelerator=cpu", "trainer.max_steps=6", "trainer.log_every_n_steps=1",
+           "trainer.val_check_interval=1000", "trainer.enable_progress_bar=false", "checkpoint.every_n_steps=0"]  # fmt: skip
+    job_id = submit(tmp_path, env, *gpt, "strategy=fsdp", "strategy.sharding=hybrid", "trainer.num_nodes=2",
+                    "trainer.devices=2", "data.batch_size=4", "run.name=hybrid")  # fmt: skip
+    local = trainer(tmp_path, env, "train", *gpt, "strategy=ddp", "trainer.devices=2", "data.batch_size=8",
+                    "run.name=local")  # fmt: skip
+    assert local.returncode == 0, local.stdout + local.stderr
+    records = wait_done(job_id, env)
+    run_dir = tmp_path / "runs" / "hybrid"
+    assert records[0]["JobState"] == "COMPLETED", job_log(run_dir, job_id)
+    sharding = json.loads((run_dir / "run.json").read_text())["summary"]["sharding"]
+    assert sharding["mesh"] == {"replicate": 2, "shard": 2} and sharding["sharding"] == "hybrid"
+    total, per_rank = sharding["params"], sharding["params_per_rank"]
+    assert len(per_rank) == 4 and all(abs(n - total / 2) <= 0.01 * total for n in per_rank), per_rank
+    here, there = read_metrics(tmp_path / "runs" / "local"), read_metrics(run_dir)
+    assert [float(r["train/loss"]) for r in there] == pytest.approx(
+        [float(r["train/loss"]) for r in here], rel=1e-5
+    )
+
+
 def test_preempted_job_requeues_itself_and_resumes_exactly(tmp_path, env):
     args = [*MODEL, "strategy=ddp", "model.step_sleep_s=0.1", "trainer.max_steps=60",
             "checkpoint.every_n_steps=1000"]  # fmt: skip
