@@ -293,7 +293,7 @@ class StrategyConfig:
     activation_checkpointing: bool = False
     """FSDP: recompute each block's activations in the backward pass to save memory."""
     cpu_offload: bool = False
-    """FSDP: keep sharded parameters and optimizer state in CPU memory."""
+    """FSDP: keep sharded parameters and optimizer state in host memory (GPUs only)."""
 
     def __post_init__(self) -> None:
         _one_of("name", self.name, STRATEGIES)
