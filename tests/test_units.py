@@ -244,3 +244,30 @@ def test_retention_removes_unfinished_writes_and_keeps_the_newest_valid(tmp_path
                           monitor="val/loss", mode="min", signals=[], on_nonfinite="stop", step_timeout_s=None)  # fmt: skip
     keeper._retain()
     assert sorted(p.name for p in d.glob("step-*.ckpt")) == ["step-00000020.ckpt", "step-00000030.ckpt"]
+
+
+def test_sharded_checkpoint_manifest_catches_a_missing_truncated_or_changed_shard(tmp_path):
+    import hashlib
+
+    from trainer.checkpoint.manifest import combined_digest, find_latest_valid, verify, write_manifest
+
+    def sharded(step: int) -> Path:
+        folder = tmp_path / f"step-{step:08d}.ckpt"
+        folder.mkdir()
+        files = {}
+        for name, data in (("__0_0.distcp", b"a" * 100), ("__1_0.distcp", b"b" * 90), (".metadata", b"m")):
+            (folder / name).write_bytes(data)
+            files[name] = {"bytes": len(data), "sha256": hashlib.sha256(data).hexdigest()}
+        write_manifest(folder, {"files": files, "sha256": combined_digest(files), "bytes": 191, "step": step})
+        return folder
+
+    old, new = sharded(5), sharded(10)
+    assert verify(new) is None and find_latest_valid(tmp_path).path == new
+    (new / "__1_0.distcp").write_bytes(b"b" * 89)
+    assert verify(new) == "shard __1_0.distcp truncated (89 of 90 bytes)"
+    (new / "__1_0.distcp").write_bytes(b"c" * 90)
+    assert verify(new) == "shard __1_0.distcp: checksum mismatch"
+    (new / "__1_0.distcp").unlink()
+    assert verify(new) == "shard __1_0.distcp missing"
+    found = find_latest_valid(tmp_path)  # the newest valid one is used; the broken one is reported
+    assert found.path == old and [p for p, _ in found.rejected] == [new]

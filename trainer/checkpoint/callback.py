@@ -332,6 +332,9 @@ class Checkpointer(pl.Callback):
         write_manifest(last, dict(manifest, file=LAST, source=path.name))
 
     def _retain(self) -> None:
+        # Hidden temporaries of writes that were killed (a sharded one is a directory, never reused).
+        for stale in self.directory.glob(".step-*.ckpt.tmp"):
+            remove_checkpoint(stale)
         entries = []
         for step, path in step_checkpoints(self.directory):  # newest first
             if read_manifest(path) is None:  # a write that never finished (killed): never valid, remove it
