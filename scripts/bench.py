@@ -11,11 +11,16 @@ Measures, on the default GPT (experiment=gpt_quickstart) with its data and batch
      dry-run render (neither imports torch) -- target well under 1 s;
   e. checkpoint write MB/s over the disk's sequential write speed, and the stall (scripts/bench_checkpoint.py);
   f. data-wait fraction at the default settings -- target < 2%.
+With --gpu (a machine with CUDA GPUs) it measures instead, on experiment=gpt_150m (151M parameters,
+bf16-mixed, synthetic tokens): MFU against the GPU's data-sheet dense bf16 peak, eager and compiled, on one
+GPU -- target >= 40% on H100/H200 with compile; and DDP and FSDP over NCCL on all the machine's GPUs (scaling
+efficiency against one GPU, compiled).
 This machine may be shared and noisy: read the ratios, not the absolute numbers. Measurements a and b are
 repeated (--repeats, interleaved) and the best of each is used: noise only ever slows a run down; the
 spread of the per-repeat ratios is printed beside them.
 
     python scripts/bench.py [--steps 100] [--repeats 2] [--out benchmarks]      (or: make bench)
+    python scripts/bench.py --gpu [--steps 100]                                   (or: make bench ARGS=--gpu)
 """
 
 from __future__ import annotations
@@ -104,7 +109,13 @@ def main() -> int:
         "--repeats", type=int, default=2, help="repeats of measurements a and b (best is used)"
     )
     parser.add_argument("--out", default=str(REPO / "benchmarks"), help="folder of the written table")
+    parser.add_argument("--gpu", action="store_true", help="the GPU benchmark (experiment=gpt_150m) instead")
+    parser.add_argument(
+        "--extra", nargs="*", default=[], help="overrides added to every run (e.g. a smaller model)"
+    )
     args = parser.parse_args()
+    if args.gpu:
+        return write_table(args, gpu_rows(args), gpu_machine_name(args))
     rows: list[tuple[str, str, str]] = []
     work = Path(tempfile.mkdtemp(prefix="bench-"))
     steps = [f"trainer.max_steps={args.steps}"]
@@ -167,12 +178,16 @@ def main() -> int:
             label, value = line[:29].strip(), line[29:].strip()
             rows.append((f"e. checkpoint {label}", value.split()[0], " ".join(value.split()[1:])))
 
+    return write_table(args, rows, f"{platform.machine()}-{os.cpu_count()}cpu")
+
+
+def write_table(args: argparse.Namespace, rows: list[tuple[str, str, str]], machine: str) -> int:
     import torch
 
-    machine = f"{platform.machine()}-{os.cpu_count()}cpu"
+    repeats = "" if args.gpu else f", best of {args.repeats} for a and b"
     header = (f"# Benchmark {time.strftime('%Y-%m-%d')} on {machine}\n\n"
               f"torch {torch.__version__}, Python {platform.python_version()}, {os.cpu_count()} cores, "
-              f"{args.steps} steps per measurement, best of {args.repeats} for a and b; method: see scripts/bench.py's docstring.\n\n")  # fmt: skip
+              f"{args.steps} steps per measurement{repeats}; method: see scripts/bench.py's docstring.\n\n")  # fmt: skip
     width = max(len(r[0]) for r in rows)
     table = "| measure | value | detail |\n|---|---|---|\n" + "".join(
         f"| {a} | {b} | {c} |\n" for a, b, c in rows
@@ -185,6 +200,50 @@ def main() -> int:
     path.write_text(header + table)
     print(f"wrote {path}")
     return 0
+
+
+def gpu_machine_name(args: argparse.Namespace) -> str:
+    import torch
+
+    if not torch.cuda.is_available():
+        return f"{platform.machine()}-{os.cpu_count()}cpu-gpu-mode"  # only a trial of the plumbing on CPU
+    name = torch.cuda.get_device_name(0).replace(" ", "-")
+    return f"{torch.cuda.device_count()}x-{name}"
+
+
+def gpu_rows(args: argparse.Namespace) -> list[tuple[str, str, str]]:
+    """MFU on one GPU (eager, compiled) and DDP/FSDP scaling over all of them, on experiment=gpt_150m."""
+    import torch
+
+    on_cpu = "trainer.accelerator=cpu" in args.extra
+    if not torch.cuda.is_available() and not on_cpu:
+        raise SystemExit("error: --gpu: no CUDA GPU is visible here (run it on a GPU machine)")
+    gpus = torch.cuda.device_count() if not on_cpu else 2
+    work = Path(tempfile.mkdtemp(prefix="bench-gpu-"))
+    base = ["experiment=gpt_150m", f"trainer.max_steps={args.steps}", "trainer.log_every_n_steps=10",
+            "trainer.enable_progress_bar=false", "checkpoint.every_n_steps=0", *args.extra]  # fmt: skip
+    rows: list[tuple[str, str, str]] = []
+    runs = {}
+    for name, extra in (("eager", ["model.compile=false"]), ("compiled", [])):
+        trainer(["train", *base, *extra, f"run.name={name}"], work)
+        runs[name] = summary(work, name)
+        mfu = runs[name]["mfu"]
+        rows.append((f"MFU, 1 GPU, bf16-mixed, {name}", "n/a" if mfu is None else f"{mfu:.1%}",
+                     f"{runs[name]['tokens_per_sec']:,.0f} tokens/s; peak: {runs[name]['peak_source']}"
+                     + (" (target >= 40% on H100/H200)" if name == "compiled" else "")))  # fmt: skip
+    if gpus > 1:
+        for strategy in ("ddp", "fsdp"):
+            trainer(
+                ["train", *base, f"strategy={strategy}", f"trainer.devices={gpus}", f"run.name={strategy}"],
+                work,
+            )
+            run = summary(work, strategy)
+            efficiency = run["tokens_per_sec"] / runs["compiled"]["tokens_per_sec"] / gpus
+            mfu = run["mfu"]
+            rows.append((f"{strategy.upper()} over {gpus} GPUs (NCCL), compiled", f"{efficiency:.3f}",
+                         f"scaling efficiency; {run['tokens_per_sec']:,.0f} tokens/s; MFU "
+                         + ("n/a" if mfu is None else f"{mfu:.1%}")))  # fmt: skip
+    return rows
 
 
 if __name__ == "__main__":

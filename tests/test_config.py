@@ -76,6 +76,10 @@ def test_experiment_presets_set_their_groups():
     assert isinstance(conf.model, schema.MLPConfig) and isinstance(conf.data, schema.DigitsDataConfig)
     conf = compose_typed(["experiment=gpt_ddp"])
     assert conf.strategy.name == "ddp" and conf.trainer.devices == 2
+    conf = compose_typed(["experiment=gpt_150m"])  # the GPU benchmark's model: about 151M parameters
+    assert conf.precision.value == "bf16-mixed" and conf.model.compile and conf.data.seq_len == 1024
+    n, d = conf.model.n_layer, conf.model.n_embd
+    assert 12 * n * d * d == pytest.approx(151e6, rel=0.01)
 
 
 def test_command_line_group_choice_wins_over_the_preset():
