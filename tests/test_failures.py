@@ -31,8 +31,10 @@ def run(tmp_path: Path, env: dict, *args: str, timeout: float = 300) -> subproce
 
 
 def params_finite(run_dir: Path) -> bool:
-    ckpt = torch.load(run_dir / "checkpoints" / "last.ckpt", map_location="cpu", weights_only=True)
-    return all(torch.isfinite(t).all() for t in ckpt["state_dict"].values())
+    from trainer.export import load_weights  # reads sharded (FSDP) checkpoints too
+
+    weights = load_weights(run_dir / "checkpoints" / "last.ckpt")["state_dict"]
+    return all(torch.isfinite(t).all() for t in weights.values())
 
 
 @pytest.mark.distributed
@@ -77,10 +79,12 @@ def test_nan_loss_stops_with_the_last_good_state(tmp_path, env):
 
 
 @pytest.mark.slow
-def test_nan_loss_on_one_rank_stops_every_rank(tmp_path, env):
-    result = run(tmp_path, env, *FAULTY, "strategy=ddp", "trainer.devices=2", "trainer.max_steps=50",
-                 "model.nan_step=7", "model.nan_rank=1", "run.name=nan2")  # fmt: skip
+@pytest.mark.parametrize("strategy", ["ddp", "fsdp"])
+def test_nan_loss_on_one_rank_stops_every_rank(tmp_path, env, strategy):
+    result = run(tmp_path, env, *FAULTY, f"strategy={strategy}", "trainer.devices=2", "trainer.max_steps=50",
+                 "model.nan_step=7", "model.nan_rank=1", "run.name=nan2", timeout=180)  # fmt: skip
     assert result.returncode == 3, result.stdout + result.stderr
+    assert "stopped on a non-finite" in result.stderr
     assert params_finite(tmp_path / "runs" / "nan2")
 
 

@@ -211,8 +211,10 @@ class Checkpointer(pl.Callback):
             return
         reason = self._nonfinite_pending
         # Gradients are all-reduced already, so every rank sees the same verdict (fp16 overflow is the
-        # grad scaler's business, it skips those steps itself).
-        if reason is None and trainer.precision != "16-mixed" and not _grads_finite(params):
+        # grad scaler's business, it skips those steps itself). Checked on every rank even when the loss
+        # already says why: with sharded gradients the check is a collective that all ranks must join.
+        grads_finite = trainer.precision == "16-mixed" or _grads_finite(params)
+        if reason is None and not grads_finite:
             reason = "gradient"
         if reason is None:
             return
