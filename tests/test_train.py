@@ -22,7 +22,17 @@ TINY_GPT = [
     "model.block_size=32",
     "data.batch_size=8",
 ]
-PRESETS = sorted(p.stem for p in (Path(conf_dir()) / "experiment").glob("*.yaml"))
+
+
+def _preset(path: Path) -> object:
+    """A preset for GPUs (experiment=gpt_150m) runs in the gpu tier only: on CPU one batch takes minutes."""
+    if "accelerator: gpu" not in path.read_text():
+        return path.stem
+    no_gpu = pytest.mark.skipif(not torch.cuda.is_available(), reason="a GPU preset")
+    return pytest.param(path.stem, marks=[pytest.mark.gpu, no_gpu])
+
+
+PRESETS = [_preset(p) for p in sorted((Path(conf_dir()) / "experiment").glob("*.yaml"))]
 
 
 @pytest.mark.parametrize("preset", PRESETS)
