@@ -102,6 +102,13 @@ def test_fsdp_trains_like_ddp_with_sharded_parameters(cli, text_corpus):
     )
     assert ddp_on_shards.stderr.count("\n") == 1
     assert (runs / "fsdp" / "run.json").read_text() == before
+    # ... and FSDP does not continue a single-file (DDP) checkpoint: its optimizer state would be misplaced.
+    fsdp_on_file = cli("train", data, *COMMON, "strategy=fsdp", "trainer.max_steps=20", "run.name=ddp")
+    assert fsdp_on_file.returncode == 2
+    assert (
+        "strategy=fsdp: expected ddp or auto to continue from the single-file checkpoint"
+        in fsdp_on_file.stderr
+    )
 
 
 def test_activation_checkpointing_bf16_parameters_and_compile(cli, text_corpus):

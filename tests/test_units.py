@@ -271,3 +271,22 @@ def test_sharded_checkpoint_manifest_catches_a_missing_truncated_or_changed_shar
     assert verify(new) == "shard __1_0.distcp missing"
     found = find_latest_valid(tmp_path)  # the newest valid one is used; the broken one is reported
     assert found.path == old and [p for p, _ in found.rejected] == [new]
+
+
+def test_fsdp_units_and_roots_of_a_module():
+    from torch import nn
+
+    from trainer.models.gpt import GPTModule
+    from trainer.strategy.fsdp import _roots, sharding_units
+
+    gpt = GPTModule(n_layer=3, n_head=2, n_embd=16, block_size=8)
+    assert sharding_units(gpt) == list(gpt.net.blocks)  # one unit per transformer block
+    assert _roots(gpt) == [gpt.net]  # the network is the root, not the LightningModule
+
+    class Layers(nn.Module):  # a model calling a ModuleList entry by entry from its training step
+        def __init__(self) -> None:
+            super().__init__()
+            self.layers = nn.ModuleList(nn.Linear(4, 4) for _ in range(2))
+
+    with pytest.raises(ValueError, match=r"Layers.layers is a ModuleList called entry by entry"):
+        _roots(Layers())

@@ -34,7 +34,11 @@ def source_checkpoint(target: Path) -> Path:
             raise ExportError(f"{target.parent.parent}: the run has no checkpoint yet")
     if not target.exists():
         raise ExportError(f"{target}: expected a run directory or a checkpoint (no such path)")
-    if read_manifest(target) is not None and (reason := verify(target)) is not None:
+    if read_manifest(target) is None:
+        print(
+            f"note: {target} has no manifest (not written by trainer): exported unverified", file=sys.stderr
+        )
+    elif (reason := verify(target)) is not None:
         raise ExportError(f"{target}: not a valid checkpoint ({reason})")
     return target
 

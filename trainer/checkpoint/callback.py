@@ -170,6 +170,10 @@ class Checkpointer(pl.Callback):
             self._rng_to_restore = None
         self._last_step = trainer.global_step
         self._last_save_time = time.monotonic()
+        if trainer.global_step and (self.directory / step_checkpoint_name(trainer.global_step)).exists():
+            # Resumed from this run's own checkpoint of this step: it is saved already (a run resumed at its
+            # last step must not write that step again over the checkpoint it was restored from).
+            self._last_saved_step = trainer.global_step
         if "signum" in _EARLY_SIGNAL:
             self.received_signal = _EARLY_SIGNAL.pop("signum")
         # Installed after Lightning's own handlers, so these are the ones that act (Lightning's SLURM
@@ -375,6 +379,10 @@ class Checkpointer(pl.Callback):
         try:
             from torch.distributed.distributed_c10d import _set_pg_timeout
 
-            _set_pg_timeout(timedelta(seconds=self.step_timeout_s), None)
+            timeout = timedelta(seconds=self.step_timeout_s)
+            _set_pg_timeout(timeout, None)
+            # FSDP's hybrid mesh runs its gathers and reductions on groups of its own.
+            for group in getattr(trainer.strategy, "extra_process_groups", lambda: [])():
+                _set_pg_timeout(timeout, group)
         except Exception as err:  # a private torch API: keep training with the start-up timeout
             log.warning("could not shorten the collective timeout after the first step: %s", err)

@@ -198,6 +198,14 @@ def check_checkpoint_format(checkpoint: str | None, strategy: str) -> None:
             f"fsdp (with any trainer.devices) to continue from the sharded checkpoint {checkpoint}; "
             "`trainer export` turns it into one file for other uses",
         )  # fmt: skip
+    if checkpoint and strategy == "fsdp" and os.path.isfile(checkpoint):
+        # Lightning's full-file path into FSDP2 maps optimizer state by parameter order, which our parameter
+        # groups (matrices first) do not follow: Adam's moments would land on the wrong parameters.
+        raise ConfigError(
+            "strategy", "fsdp",
+            f"ddp or auto to continue from the single-file checkpoint {checkpoint} (FSDP continues from its own "
+            "sharded checkpoints only)",
+        )  # fmt: skip
 
 
 def _check_precision(conf: TrainConfig, accelerator: str) -> None:

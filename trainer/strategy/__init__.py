@@ -16,6 +16,11 @@ def build_strategy(strategy: StrategyConfig, precision: str, accelerator: str) -
     if strategy.name == "fsdp":
         from trainer.strategy.fsdp import FSDP2Strategy
 
+        if strategy.cpu_offload and backend == "nccl":
+            # Offloaded gradient shards are reduced (norm, clipping, finite check) in host memory: NCCL
+            # cannot, so host tensors get gloo beside NCCL.
+            backend = "cpu:gloo,cuda:nccl"
+
         return FSDP2Strategy(
             sharding=strategy.sharding,
             activation_checkpointing=strategy.activation_checkpointing,

@@ -32,7 +32,13 @@ from pytorch_lightning.strategies import ModelParallelStrategy
 from pytorch_lightning.trainer.states import TrainerFn
 from torch import nn
 
-from trainer.checkpoint.manifest import checkpoint_manifest, combined_digest, fsync_dir, write_manifest
+from trainer.checkpoint.manifest import (
+    checkpoint_manifest,
+    combined_digest,
+    fsync_dir,
+    remove_checkpoint,
+    write_manifest,
+)
 
 log = logging.getLogger("trainer")
 
@@ -56,7 +62,18 @@ def _roots(module: nn.Module) -> list[nn.Module]:
             f"strategy=fsdp: {type(module).__name__} holds parameters itself ({', '.join(own)}); "
             "FSDP shards submodules, so put them in one"
         )
-    return [child for child in module.children() if any(True for _ in child.parameters())]
+    roots = [
+        (name, child) for name, child in module.named_children() if any(True for _ in child.parameters())
+    ]
+    for name, child in roots:
+        if isinstance(child, (nn.ModuleList, nn.ModuleDict)):
+            # A container has no forward of its own, so FSDP's gather hook would never run for it.
+            raise ValueError(
+                f"strategy=fsdp: {type(module).__name__}.{name} is a {type(child).__name__} called entry by entry; "
+                "FSDP gathers a module's parameters when its forward runs: put the network in one nn.Module "
+                "(as trainer/models/gpt.py does) or name the units with fsdp_units()"
+            )
+    return [child for _, child in roots]
 
 
 def _contains(outer: nn.Module, inner: nn.Module) -> bool:
@@ -109,6 +126,7 @@ class FSDP2Strategy(ModelParallelStrategy):
         self.precision_name = precision
         self.report: dict[str, Any] = {}
         self.last_write: dict[str, float] = {}
+        self._sharding_mesh: Any = None
 
     def setup_environment(self) -> None:
         # Every rank is one data-parallel replica slot (Lightning's "auto" would make it the node count).
@@ -134,8 +152,15 @@ class FSDP2Strategy(ModelParallelStrategy):
             _optimizers_to_device(self.optimizers, self.root_device)
 
     def model_to_device(self) -> None:
-        if not self.cpu_offload:  # offloaded shards live in CPU memory; FSDP moves them itself
+        if not self.cpu_offload:
             super().model_to_device()
+        else:  # offloaded shards live in host memory (FSDP moves them itself); the module computes on the GPU
+            self.lightning_module._device = self.root_device
+
+    def extra_process_groups(self) -> list[Any]:
+        """Process groups besides the default one that collectives run on (the hybrid mesh's)."""
+        mesh = self._sharding_mesh
+        return [] if mesh is None else [mesh.get_group(dim) for dim in range(mesh.ndim)]
 
     def _mesh(self) -> Any:
         if self.sharding == "hybrid" and self.num_nodes > 1:
@@ -157,7 +182,7 @@ class FSDP2Strategy(ModelParallelStrategy):
 
             # The wrapper's state-dict hooks strip its prefix: checkpoints are the same with and without it.
             units = _wrap_in_place(module, units, checkpoint_wrapper)
-        mesh = self._mesh()
+        mesh = self._sharding_mesh = self._mesh()
         mp = (
             MixedPrecisionPolicy(param_dtype=torch.bfloat16, reduce_dtype=torch.float32)
             if self.precision_name == "bf16-mixed"
@@ -226,8 +251,12 @@ class FSDP2Strategy(ModelParallelStrategy):
                 files.update(part)
             files.update(_hash_files(tmp, lambda name: name not in files, fsync=True))
             fsync_dir(tmp)
-            if target.exists():  # a save at the same step (e.g. end of run right after a periodic one)
-                shutil.rmtree(target) if target.is_dir() else target.unlink()
+            # A save at a step saved before: the old one is moved aside, not deleted, until the new one is
+            # complete (a crash in between leaves the previous checkpoints valid).
+            old = target.with_name(f".{target.name}.old")
+            if target.exists():
+                remove_checkpoint(old)
+                os.replace(target, old)
             os.replace(tmp, target)
             fsync_dir(target.parent)
             seconds = time.perf_counter() - started
@@ -237,6 +266,7 @@ class FSDP2Strategy(ModelParallelStrategy):
             manifest["files"] = files
             manifest.update((storage_options or {}).get("manifest", {}))
             write_manifest(target, manifest)
+            remove_checkpoint(old)
         self.barrier()
 
     def load_checkpoint(self, checkpoint_path: Any, weights_only: bool | None = None) -> dict[str, Any]:
