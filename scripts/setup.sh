@@ -7,7 +7,7 @@
 # torch comes first, chosen for the machine: a CUDA build where an NVIDIA GPU answers, else the CPU build
 # (TORCH_VERSION). On a CPU-only Linux machine that pulls wheels from the public index, set TORCH_INDEX_URL
 # to PyTorch's CPU-only wheel index (the "CPU" choice of the selector on PyTorch's install page) to avoid the
-# multi-GB CUDA build. An existing torch is always kept: the project asks for a range (torch>=2.4).
+# multi-GB CUDA build. An existing torch is always kept: the project asks for a range (torch>=2.6: FSDP2's public API).
 set -euo pipefail
 cd "$(dirname "$0")/.."
 
@@ -24,7 +24,7 @@ PY="$VENV/bin/python"
 if ! "$PY" -c "import torch" >/dev/null 2>&1; then
   if command -v nvidia-smi >/dev/null 2>&1 && nvidia-smi -L >/dev/null 2>&1; then
     echo "setup: NVIDIA GPU found; installing torch with CUDA"
-    "$PY" -m pip install "torch>=2.4"
+    "$PY" -m pip install "torch>=2.6"
   else
     echo "setup: no NVIDIA GPU; installing the CPU build torch==$TORCH_VERSION"
     "$PY" -m pip install ${TORCH_INDEX_URL:+--index-url "$TORCH_INDEX_URL"} "torch==$TORCH_VERSION"
