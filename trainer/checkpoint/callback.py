@@ -94,9 +94,10 @@ def restore_rng(state: dict[str, Any]) -> None:
 def _grads_finite(params: list[torch.Tensor]) -> bool:
     """Whether every gradient is finite. Sharded (FSDP) gradients are checked shard by shard and the verdict
     is agreed between ranks, so all of them skip a step or none does."""
+    sharded = any(hasattr(p.grad, "to_local") for p in params)
     grads = [p.grad.to_local() if hasattr(p.grad, "to_local") else p.grad for p in params]
     finite = torch.isfinite(torch.stack(torch._foreach_norm(grads))).all()
-    if not any(hasattr(p.grad, "to_local") for p in params):
+    if not sharded:
         return bool(finite)
     flag = torch.tensor([0.0 if finite else 1.0], device=grads[0].device)
     torch.distributed.all_reduce(flag, op=torch.distributed.ReduceOp.MAX)
@@ -338,8 +339,9 @@ class Checkpointer(pl.Callback):
         write_manifest(last, dict(manifest, file=LAST, source=path.name))
 
     def _retain(self) -> None:
-        # Hidden temporaries of writes that were killed (a sharded one is a directory, never reused).
-        for stale in self.directory.glob(".step-*.ckpt.tmp"):
+        # Hidden leftovers of writes that were killed: temporaries, and a sharded checkpoint set aside while
+        # the same step was written again (see FSDP2Strategy.save_checkpoint).
+        for stale in (*self.directory.glob(".step-*.ckpt.tmp"), *self.directory.glob(".step-*.ckpt.old")):
             remove_checkpoint(stale)
         entries = []
         for step, path in step_checkpoints(self.directory):  # newest first

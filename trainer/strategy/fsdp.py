@@ -15,7 +15,6 @@ things differ from Lightning's strategy:
 
 from __future__ import annotations
 
-import hashlib
 import logging
 import os
 import shutil
@@ -37,6 +36,7 @@ from trainer.checkpoint.manifest import (
     combined_digest,
     fsync_dir,
     remove_checkpoint,
+    sha256_file,
     write_manifest,
 )
 
@@ -88,9 +88,7 @@ def _wrap_in_place(root: nn.Module, targets: list[nn.Module], wrap: Any) -> list
         for name, child in list(parent.named_children()):
             if id(child) in wanted:
                 new = wrap(child)
-                setattr(parent, name, new) if not isinstance(parent, nn.ModuleList) else parent.__setitem__(
-                    int(name), new
-                )
+                setattr(parent, name, new)  # a ModuleList's entries are its attributes "0", "1", ... too
                 wrapped.append(new)
     return wrapped
 
@@ -200,6 +198,7 @@ class FSDP2Strategy(ModelParallelStrategy):
         self._record(module, units, mesh)
 
     def _record(self, module: nn.Module, units: list[nn.Module], mesh: Any) -> None:
+        from torch.distributed.algorithms._checkpoint.checkpoint_wrapper import CheckpointWrapper
         from torch.distributed.tensor import DTensor
 
         params = list(module.parameters())
@@ -214,7 +213,8 @@ class FSDP2Strategy(ModelParallelStrategy):
             "sharding": self.sharding if self.num_nodes > 1 else "full",
             "mesh": {name: int(size) for name, size in zip(mesh.mesh_dim_names, mesh.shape, strict=True)},
             "units": len(units),
-            "activation_checkpointing": self.activation_checkpointing,
+            # Counted in the sharded module, not echoed from the config: the wrappers really are in place.
+            "checkpointed_units": sum(isinstance(m, CheckpointWrapper) for m in module.modules()),
             "cpu_offload": self.cpu_offload,
             "param_dtype": "bfloat16"
             if self.precision_name == "bf16-mixed"
@@ -279,12 +279,8 @@ def _hash_files(folder: Path, wanted: Any, fsync: bool = False) -> dict[str, dic
     for path in sorted(folder.iterdir()):
         if not path.is_file() or not wanted(path.name):
             continue
-        digest, size = hashlib.sha256(), 0
-        with path.open("rb") as f:
-            while block := f.read(1 << 22):
-                digest.update(block)
-                size += len(block)
-            if fsync:
+        if fsync:  # DCP syncs the shards it writes; Lightning's meta.pt is a plain torch.save
+            with path.open("rb") as f:
                 os.fsync(f.fileno())
-        out[path.name] = {"bytes": size, "sha256": digest.hexdigest()}
+        out[path.name] = {"bytes": path.stat().st_size, "sha256": sha256_file(path)}
     return out
