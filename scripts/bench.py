@@ -61,19 +61,14 @@ def spread(num: list[float], den: list[float], scale: float = 1.0) -> str:
 def hand_loop(steps: int, threads: int | None = None) -> float:
     """Tokens/s of a plain PyTorch loop over the same model, data, optimizer, schedule and clipping."""
     import torch
-    from hydra import initialize_config_dir
-
-    from trainer.config import schema
+    from trainer.config.compose import compose, session
     from trainer.fit import build_data, build_model
     from trainer.optim import build_optimizer, lr_factor
-    from trainer.sweep.trials import compose
-    from trainer.train import conf_dir
 
     if threads:
         torch.set_num_threads(threads)
-    schema.register()
-    with initialize_config_dir(config_dir=conf_dir(), version_base="1.3"):
-        c = compose([*BASE, f"trainer.max_steps={steps}"], None, None, "local")
+    with session():
+        c = compose([*BASE, f"trainer.max_steps={steps}"], where="local")
     torch.manual_seed(c.conf.seed)
     model, data = build_model(c.conf.model, c.conf.optim), build_data(c.conf.data)
     data.setup("fit")

@@ -12,7 +12,7 @@ from hydra import compose, initialize_config_dir
 from trainer.cli import main
 from trainer.config import schema
 from trainer.config.validate import to_typed
-from trainer.train import conf_dir, quote_numeric_choices
+from trainer.config.compose import conf_dir, quote_numeric_choices
 
 pytestmark = pytest.mark.unit
 

@@ -11,7 +11,7 @@ import torch
 from conftest import column, read_metrics
 
 from trainer.metrics.csv_logger import COLUMNS
-from trainer.train import conf_dir
+from trainer.config.compose import conf_dir
 
 pytestmark = pytest.mark.slow
 

@@ -11,6 +11,7 @@ import torch
 
 from trainer import rundir
 from trainer.config.errors import ConfigError
+from trainer.files import read_json
 from trainer.metrics.csv_logger import COLUMNS, CSVMetricsLogger
 from trainer.metrics.flops import gpu_peak_flops, measure_cpu_peak_flops, precision_dtype
 from trainer.models.gpt import GPT
@@ -64,7 +65,7 @@ def test_plan_fresh_done_resume(tmp_path):
     paths = rundir.RunPaths("r", tmp_path / "r")
     assert rundir.plan(paths, CFG, "auto").action == "fresh"
     rundir.start(paths, CFG, ["a=1"], rundir.Plan("fresh"), seed=1, world_size=1)
-    assert rundir.read_json(paths.state)["status"] == "running"
+    assert read_json(paths.state)["status"] == "running"
     assert rundir.plan(paths, CFG, "auto").action == "fresh"  # no checkpoint yet
     ckpt = fake_checkpoint(paths.checkpoints, 10)
     assert rundir.plan(paths, CFG, "auto") == rundir.Plan("resume", str(ckpt))
@@ -81,7 +82,7 @@ def test_plan_fresh_done_resume(tmp_path):
     assert allowed.action == "resume" and "data.batch_size" in allowed.notes[0]
     with pytest.raises(ConfigError, match="resume=never"):
         rundir.plan(paths, CFG, "never")
-    state = rundir.read_json(paths.state)
+    state = read_json(paths.state)
     assert state["attempts"][0]["overrides"] == ["a=1"] and state["summary"] == {"steps": 10}
 
 
@@ -129,7 +130,7 @@ def test_start_keeps_the_earlier_config_when_it_changes(tmp_path):
     rundir.start(paths, longer, [], rundir.Plan("resume", "x"), seed=1, world_size=1)
     assert "max_steps: 10" in (paths.dir / "config.attempt-1.yaml").read_text()
     assert "max_steps: 20" in paths.config.read_text()
-    assert len(rundir.read_json(paths.state)["attempts"]) == 2
+    assert len(read_json(paths.state)["attempts"]) == 2
 
 
 def test_csv_rows_merge_per_step_and_resume_truncates(tmp_path):

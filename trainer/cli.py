@@ -48,6 +48,10 @@ def main(argv: list[str] | None = None) -> int:
         print(USAGE, end="")
         return 0
     command, rest = args[0], args[1:]
+    if command == "train" and ("-m" in rest or "--multirun" in rest):  # a sweep: one process per trial
+        from trainer.sweep.local import main as sweep_main
+
+        return sweep_main(rest)
     if command == "train":
         from trainer.train import cli_main
 

@@ -14,31 +14,30 @@ import time
 import warnings
 from typing import Any
 
-import pytorch_lightning as pl
 from hydra.utils import instantiate
 
-from trainer import rundir
+from trainer import exits, rundir
 from trainer.checkpoint.callback import (
-    EXIT_NONFINITE,
-    EXIT_PREEMPTED,
     Checkpointer,
     StopRun,
     install_early_handlers,
 )
 from trainer.checkpoint.io import AtomicCheckpointIO
+from trainer.config.compose import Composed
 from trainer.config.schema import (
     CheckpointConfig,
     LoggerConfig,
     OptimConfig,
     PrecisionConfig,
     StrategyConfig,
-    TrainConfig,
     TrainerConfig,
 )
+from trainer.files import read_json
 from trainer.metrics.csv_logger import CSVMetricsLogger
 from trainer.metrics.progress import StepProgressBar
 from trainer.metrics.throughput import ThroughputMonitor
 from trainer.metrics.wandb_logger import SafeWandbLogger, build_wandb_logger
+from trainer.namespace import fabric_module, pl, pl_module
 from trainer.strategy import build_strategy
 from trainer.sweep import OPTUNA_ENV
 
@@ -122,8 +121,7 @@ def build_trainer(
 
         callbacks.append(OptunaPruning(json.loads(os.environ[OPTUNA_ENV])))
     plugins: list[Any] = [AtomicCheckpointIO()]
-    from lightning_fabric.plugins.environments import SLURMEnvironment
-
+    SLURMEnvironment = fabric_module("plugins.environments").SLURMEnvironment
     if SLURMEnvironment.detect():
         # Our checkpointer handles SIGUSR1 cooperatively; Lightning's in-handler save+requeue must not also act.
         plugins.append(SLURMEnvironment(auto_requeue=False))
@@ -161,14 +159,10 @@ def build_trainer(
     return pl_trainer, monitor, checkpointer
 
 
-def fit(
-    conf: TrainConfig,
-    resolved: dict,
-    paths: rundir.RunPaths,
-    plan: rundir.Plan,
-    overrides: list[str],
-    accelerator: str,
-) -> dict:
+def fit(c: Composed) -> dict:
+    """Train the checked run ``c`` in this process (one rank of it); returns the closing summary."""
+    conf, resolved, paths, plan, overrides = c.conf, c.resolved, c.paths, c.plan, c.own_overrides
+    accelerator = c.accelerator
     started = time.perf_counter()
     install_early_handlers(list(conf.checkpoint.save_on_signals))
     pl.seed_everything(conf.seed, workers=True, verbose=False)
@@ -198,13 +192,13 @@ def fit(
         if plan.action == "resume":
             log.info("resuming %s from %s", paths.name, plan.checkpoint)
         if wandb_logger is not None:
-            state = rundir.read_json(paths.state) or {}
+            state = read_json(paths.state) or {}
             info = {"overrides": overrides, "git": state.get("git"), "versions": state.get("versions"),
                     "run_dir": str(paths.dir), "attempt": len(state.get("attempts", []))}  # fmt: skip
             wandb_logger.log_run_info(resolved, info)
             rundir.annotate(paths, wandb={"id": wandb_logger._id, "mode": wandb_logger._wandb_init.get("mode"),
                                           "failed": wandb_logger.failed})  # fmt: skip
-    from pytorch_lightning.utilities.exceptions import SIGTERMException
+    SIGTERMException = pl_module("utilities.exceptions").SIGTERMException
 
     try:
         try:
@@ -231,15 +225,15 @@ def fit(
         state = "preempted"
         stop = RunStopped(
             f"preempted by a signal: checkpoint saved at step {trainer.global_step} ({last}); "
-            f"exit code {EXIT_PREEMPTED} means: run the same command again to continue",
-            EXIT_PREEMPTED,
+            f"exit code {exits.PREEMPTED} means: run the same command again to continue",
+            exits.PREEMPTED,
         )
     elif checkpointer.stopped_nonfinite:
         state = "failed"
         stop = RunStopped(
             f"error: stopped on a {checkpointer.stopped_nonfinite}; the step was not applied and the last good "
             f"state is saved at step {trainer.global_step} ({last}); trainer.on_nonfinite_loss=skip skips such steps",
-            EXIT_NONFINITE,
+            exits.NONFINITE,
         )
     else:
         pruned = any(getattr(cb, "pruned", False) for cb in trainer.callbacks)

@@ -21,8 +21,9 @@ from typing import Any
 
 import yaml
 
-from trainer.checkpoint.manifest import atomic_write_text, find_latest_valid, read_manifest, verify
+from trainer.checkpoint.manifest import find_latest_valid, read_manifest, verify
 from trainer.config.errors import ConfigError
+from trainer.files import atomic_write_text, read_json
 from trainer.secrets import redact, redact_override
 
 # Keys that say where or how a run is watched, not what is trained: they do not change its identity.
@@ -114,6 +115,8 @@ def resolve_paths(cfg: dict, experiment: str | None) -> RunPaths:
     name = run.get("name") or f"{experiment or 'run'}-{config_hash(cfg)}"
     if "/" in name or name in (".", ".."):
         raise ConfigError("run.name", name, "a name without '/' (set run.dir for a path)")
+    if any(ord(ch) < 32 or ord(ch) == 127 for ch in name):
+        raise ConfigError("run.name", name, "a name without control characters (newlines, tabs, escapes)")
     directory = Path(run.get("dir") or Path(run.get("root", "runs")) / name)
     return RunPaths(name=name, dir=directory)
 
@@ -127,13 +130,6 @@ class Plan:
     checkpoint: str | None = None
     notes: tuple[str, ...] = ()
     """One-line remarks for the user (checkpoints skipped as invalid, config changes allowed)."""
-
-
-def read_json(path: Path) -> dict | None:
-    try:
-        return json.loads(path.read_text())
-    except (OSError, ValueError):
-        return None
 
 
 def differing_keys(old: Any, new: Any, prefix: str = "") -> list[str]:

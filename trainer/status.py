@@ -11,6 +11,7 @@ import sys
 from pathlib import Path
 
 from trainer import rundir
+from trainer.files import read_json
 from trainer.launch import slurm
 from trainer.sweep import ledger as sweep_ledger
 
@@ -24,8 +25,8 @@ where the job's log is.
 
 
 def run_status(run_dir: Path, extra: tuple[str, ...] = ()) -> dict:
-    state = rundir.read_json(run_dir / rundir.STATE_FILE) or {}
-    jobs = (rundir.read_json(rundir.jobs_file(run_dir)) or {}).get("jobs", [])
+    state = read_json(run_dir / rundir.STATE_FILE) or {}
+    jobs = (read_json(rundir.jobs_file(run_dir)) or {}).get("jobs", [])
     info: dict = {
         "name": state.get("name") or run_dir.name,
         "dir": str(run_dir),

@@ -16,14 +16,15 @@ import sys
 import time
 from pathlib import Path
 
-from trainer import rundir
-from trainer.checkpoint.manifest import atomic_write_text
+from trainer import exits, rundir
 from trainer.config import schema
-from trainer.config.errors import EXIT_CONFIG, ConfigError, report
+from trainer.config.compose import compose, quote_numeric_choices, session
+from trainer.config.errors import ConfigError, report
+from trainer.files import atomic_write_text, read_json
 from trainer.launch import slurm
 from trainer.secrets import is_secret_name, redact_override
 from trainer.sweep import ledger
-from trainer.sweep.trials import SweepPlan, compose, pinned_args, plain, plan_sweep, single
+from trainer.sweep.trials import SweepPlan, pinned_args, plain, plan_sweep, single
 
 USAGE = """\
 usage: trainer submit [--dry-run] [-m] [-cd DIR] [key=value ...]
@@ -80,7 +81,7 @@ def parse_args(argv: list[str]) -> Options:
 
 def previous_job(run_dir: Path) -> tuple[str, str] | None:
     """The job of this run still in the queue, as (job id, state): two jobs must never share a run dir."""
-    jobs = (rundir.read_json(rundir.jobs_file(run_dir)) or {}).get("jobs", [])
+    jobs = (read_json(rundir.jobs_file(run_dir)) or {}).get("jobs", [])
     if jobs:
         state = slurm.active(jobs[-1]["job_id"])
         if state is not None:
@@ -106,11 +107,6 @@ class Submission:
 
 def prepare(opts: Options) -> Submission | None:
     """Everything that can fail on bad input; writes nothing. ``None``: nothing left to submit."""
-    from hydra import initialize_config_dir
-
-    from trainer.train import conf_dir, quote_numeric_choices
-
-    schema.register()
     overrides = quote_numeric_choices(opts.overrides)
     slurm.check_words("overrides", overrides)
     for override in overrides:
@@ -119,13 +115,13 @@ def prepare(opts: Options) -> Submission | None:
             raise ConfigError(key, "<hidden>", "no secrets in a job's command line: export it in your shell "
                               "(sbatch passes your environment to the job)")  # fmt: skip
     notes: list[str] = []
-    with initialize_config_dir(config_dir=conf_dir(), version_base="1.3"):
+    with session():
         if opts.multirun:
             sweep = plan_sweep(overrides, opts.config_dir, "cluster")
             composed, sweep_dir = sweep.composed, sweep.dir
         else:
             single(overrides)
-            composed, sweep_dir, sweep = [compose(overrides, opts.config_dir, None)], None, None
+            composed, sweep_dir, sweep = [compose(overrides, opts.config_dir, where="cluster")], None, None
 
     base = composed[0].conf
     settings = sweep.settings if sweep else base.sweep
@@ -246,7 +242,7 @@ def optuna_workers(sweep: SweepPlan, overrides: list[str], config_dir: str | Non
 
 
 def record(path: Path, entry: dict) -> None:
-    ledger = rundir.read_json(path) or {"jobs": []}
+    ledger = read_json(path) or {"jobs": []}
     ledger["jobs"].append(entry)
     atomic_write_text(path, json.dumps(ledger, indent=2) + "\n")
 
@@ -296,10 +292,10 @@ def main(argv: list[str]) -> int:
         sub = prepare(opts)
     except UsageError as err:
         print(f"error: {err} (see `trainer submit --help`)", file=sys.stderr)
-        return EXIT_CONFIG
+        return exits.CONFIG
     except slurm.SchedulerError as err:
         print(f"error: {err}", file=sys.stderr)
-        return EXIT_CONFIG
+        return exits.CONFIG
     except Exception as exc:
         return report(exc)
     if sub.job is None:

@@ -7,9 +7,9 @@
   first resumed step: with the data position (see trainer/data/loading.py) and Lightning's model, optimizer,
   scheduler and loop state, a resumed run computes exactly what the uninterrupted one would have.
 - Signals (SIGUSR1, SIGTERM by default) only set a flag. At the next step boundary all ranks agree through
-  one small all-reduce, save one checkpoint together and stop; the process then exits with EXIT_PREEMPTED.
+  one small all-reduce, save one checkpoint together and stop; the process then exits with ``exits.PREEMPTED``.
 - A non-finite loss or gradient is never applied to the weights: the step is skipped, and (policy ``stop``)
-  the run saves that last good state and stops with EXIT_NONFINITE.
+  the run saves that last good state and stops with ``exits.NONFINITE``.
 """
 
 from __future__ import annotations
@@ -25,7 +25,6 @@ from pathlib import Path
 from typing import Any
 
 import numpy as np
-import pytorch_lightning as pl
 import torch
 
 from trainer.checkpoint.manifest import (
@@ -35,16 +34,10 @@ from trainer.checkpoint.manifest import (
     step_checkpoints,
     write_manifest,
 )
+from trainer.namespace import pl
+from trainer.rundir import LAST_CHECKPOINT
 
 log = logging.getLogger("trainer")
-
-EXIT_NONFINITE = 3
-"""Exit code: training stopped on a non-finite loss; the last good state is saved."""
-EXIT_PREEMPTED = 75
-"""Exit code: stopped by a preemption signal after saving a checkpoint; run the same command to continue.
-(75 is EX_TEMPFAIL of sysexits.h: a temporary failure, try again.)"""
-
-LAST = "last.ckpt"
 
 
 class StopRun(Exception):
@@ -324,8 +317,8 @@ class Checkpointer(pl.Callback):
         return None if value is None else float(value)
 
     def _link_last(self, path: Path) -> None:
-        last = self.directory / LAST
-        tmp = self.directory / f".{LAST}.tmp"
+        last = self.directory / LAST_CHECKPOINT
+        tmp = self.directory / f".{LAST_CHECKPOINT}.tmp"
         tmp.unlink(missing_ok=True)
         if path.is_dir():  # a sharded checkpoint: a relative symbolic link (directories take no hard links)
             os.symlink(path.name, tmp)
@@ -336,7 +329,7 @@ class Checkpointer(pl.Callback):
                 shutil.copy2(path, tmp)
         os.replace(tmp, last)
         manifest = read_manifest(path) or {}
-        write_manifest(last, dict(manifest, file=LAST, source=path.name))
+        write_manifest(last, dict(manifest, file=LAST_CHECKPOINT, source=path.name))
 
     def _retain(self) -> None:
         # Hidden leftovers of writes that were killed: temporaries, and a sharded checkpoint set aside while

@@ -9,9 +9,9 @@ from pathlib import Path
 from typing import Any
 
 import torch
-from lightning_fabric.plugins.io.torch_io import TorchCheckpointIO
 
 from trainer.checkpoint.manifest import checkpoint_manifest, fsync_dir, write_manifest
+from trainer.namespace import fabric_module
 
 
 class _HashingWriter:
@@ -29,7 +29,7 @@ class _HashingWriter:
         self.f.flush()
 
 
-class AtomicCheckpointIO(TorchCheckpointIO):
+class AtomicCheckpointIO(fabric_module("plugins.io.torch_io").TorchCheckpointIO):
     """Write to a hidden temporary file, fsync, rename over the target, then write the manifest.
 
     ``storage_options={"manifest": {...}}`` adds fields to the manifest (config hash, metric, reason).

@@ -17,6 +17,8 @@ import time
 from dataclasses import dataclass
 from pathlib import Path
 
+from trainer.files import atomic_write_text
+
 MANIFEST_SUFFIX = ".json"
 STEP_NAME = re.compile(r"^step-(\d+)\.ckpt$")
 
@@ -27,15 +29,6 @@ def step_checkpoint_name(step: int) -> str:
 
 def manifest_path(checkpoint: str | os.PathLike) -> Path:
     return Path(str(checkpoint) + MANIFEST_SUFFIX)
-
-
-def atomic_write_text(path: Path, text: str) -> None:
-    tmp = path.with_name(f".{path.name}.tmp")
-    with tmp.open("w") as f:
-        f.write(text)
-        f.flush()
-        os.fsync(f.fileno())
-    os.replace(tmp, path)
 
 
 def write_manifest(checkpoint: Path, manifest: dict) -> None:

@@ -11,8 +11,7 @@ import dataclasses
 import re
 import sys
 
-EXIT_CONFIG = 2
-"""Exit code for bad configuration or usage."""
+from trainer import exits
 
 
 class ConfigError(ValueError):
@@ -49,12 +48,12 @@ _TYPES = {"Integer": "an integer", "Float": "a number", "Boolean": "true or fals
 
 
 def report(exc: Exception) -> int:
-    """Print a bad-input exception as its one line and return ``EXIT_CONFIG``; anything else propagates."""
+    """Print a bad-input exception as its one line and return ``exits.CONFIG``; anything else propagates."""
     line = describe(exc)
     if line is None:
         raise exc
     print(f"error: {line}", file=sys.stderr)
-    return EXIT_CONFIG
+    return exits.CONFIG
 
 
 def describe(exc: BaseException) -> str | None:

@@ -109,7 +109,7 @@ def launched_externally() -> bool:
     return int(os.environ.get("SLURM_NTASKS", "1")) > 1 and "SLURM_PROCID" in os.environ
 
 
-def check(conf: TrainConfig) -> str:
+def check_here(conf: TrainConfig) -> str:
     """Checks across slices and against this machine. Returns the accelerator Lightning should use."""
     trainer = conf.trainer
     if trainer.num_nodes > 1 and not launched_externally():

@@ -3,11 +3,11 @@
 from __future__ import annotations
 
 import numpy as np
-import pytorch_lightning as pl
 import torch
 from torch.utils.data import TensorDataset
 
 from trainer.data.loading import SeededLoaders
+from trainer.namespace import pl
 
 
 class DigitsDataModule(SeededLoaders, pl.LightningDataModule):

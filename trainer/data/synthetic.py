@@ -2,11 +2,11 @@
 
 from __future__ import annotations
 
-import pytorch_lightning as pl
 import torch
 from torch.utils.data import Dataset
 
 from trainer.data.loading import SeededLoaders
+from trainer.namespace import pl
 
 
 class RandomTokens(Dataset):

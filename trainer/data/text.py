@@ -3,12 +3,12 @@
 from __future__ import annotations
 
 import numpy as np
-import pytorch_lightning as pl
 import torch
 from torch.utils.data import Dataset
 
 from trainer.config.schema import resolve_text_files
 from trainer.data.loading import SeededLoaders
+from trainer.namespace import pl
 
 
 class TokenWindows(Dataset):

@@ -23,32 +23,16 @@ import subprocess
 import sys
 import time
 
-PLAN_ENV = "TRAINER_PLAN"
-"""The launcher's decision about the run directory (fresh/resume), passed to the workers it starts."""
+from trainer import exits
+from trainer.config.compose import PLAN_ENV
 
 FORWARDED = (signal.SIGUSR1, signal.SIGUSR2, signal.SIGTERM, signal.SIGINT, signal.SIGHUP)
-
-# Hydra flags that choose where the config comes from; the workers must compose from the same place.
-_CONFIG_FLAGS = ("--config-dir", "-cd", "--config-path", "-cp", "--config-name", "-cn")
 
 
 class WorkersFailed(RuntimeError):
     def __init__(self, message: str, returncode: int) -> None:
         super().__init__(message)
         self.returncode = returncode
-
-
-def config_source_args(argv: list[str]) -> list[str]:
-    """The config-location flags of the original command line, in both ``--flag value`` and ``--flag=value`` form."""
-    out: list[str] = []
-    it = iter(argv)
-    for arg in it:
-        name = arg.split("=", 1)[0]
-        if name in _CONFIG_FLAGS:
-            out.append(arg)
-            if "=" not in arg:
-                out.append(next(it, ""))
-    return out
 
 
 def quote(value: str) -> str:
@@ -104,7 +88,7 @@ def run_workers(hydra_args: list[str], nproc: int, plan: dict, grace_s: float = 
         while any(p.poll() is None for p in procs):
             for rank, p in enumerate(procs):
                 code = p.poll()
-                if failed is None and code not in (None, 0, 75):
+                if failed is None and code not in (None, exits.OK, exits.PREEMPTED):
                     failed = (rank, code)
                     _stop(procs, grace_s)
             time.sleep(0.05)
@@ -113,12 +97,12 @@ def run_workers(hydra_args: list[str], nproc: int, plan: dict, grace_s: float = 
             signal.signal(s, handler)
     codes = [p.returncode for p in procs]
     if failed is None:
-        failed = next(((r, c) for r, c in enumerate(codes) if c not in (0, 75)), None)
+        failed = next(((r, c) for r, c in enumerate(codes) if c not in (exits.OK, exits.PREEMPTED)), None)
     if failed is not None:
         rank, code = failed
         message = f"rank {rank} (pid {procs[rank].pid}) {describe_exit(code)}; the other ranks were stopped"
         raise WorkersFailed(message, code if code > 0 else 128 - code)
-    return 75 if 75 in codes else 0
+    return exits.PREEMPTED if exits.PREEMPTED in codes else exits.OK
 
 
 def _stop(procs: list[subprocess.Popen], grace_s: float) -> None:

@@ -14,6 +14,7 @@ import shutil
 import subprocess
 from pathlib import Path
 
+from trainer import exits
 from trainer.config.errors import ConfigError
 from trainer.config.schema import ClusterConfig
 
@@ -42,8 +43,8 @@ _OWNED_OPTIONS = {
     "--export": "your shell's environment (sbatch must pass it: it carries secrets such as WANDB_API_KEY)",
 }  # fmt: skip
 
-REQUEUE_EXIT = 75
-"""The exit code with which a run asks to be requeued (trainer.checkpoint.callback.EXIT_PREEMPTED)."""
+REQUEUE_EXIT = exits.PREEMPTED
+"""The exit code with which a run asks to be requeued."""
 
 
 @dataclasses.dataclass

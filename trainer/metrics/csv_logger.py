@@ -13,8 +13,9 @@ from collections.abc import Mapping
 from pathlib import Path
 from typing import Any
 
-from pytorch_lightning.loggers.logger import Logger
-from pytorch_lightning.utilities import rank_zero_only
+from trainer.namespace import pl
+
+rank_zero_only = pl.utilities.rank_zero_only
 
 COLUMNS = (
     "step",
@@ -31,7 +32,7 @@ COLUMNS = (
 )
 
 
-class CSVMetricsLogger(Logger):
+class CSVMetricsLogger(pl.loggers.Logger):
     def __init__(self, path: str | os.PathLike, flush_every_n_rows: int = 1) -> None:
         super().__init__()
         self.path = Path(path)

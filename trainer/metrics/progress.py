@@ -9,11 +9,10 @@ from __future__ import annotations
 import sys
 from typing import Any
 
-import pytorch_lightning as pl
-from pytorch_lightning.callbacks import TQDMProgressBar
+from trainer.namespace import pl
 
 
-class StepProgressBar(TQDMProgressBar):
+class StepProgressBar(pl.callbacks.TQDMProgressBar):
     def __init__(self, log_every_n_steps: int) -> None:
         super().__init__(refresh_rate=1 if sys.stdout.isatty() else max(1, log_every_n_steps))
 

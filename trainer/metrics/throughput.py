@@ -14,11 +14,11 @@ from __future__ import annotations
 import time
 from typing import Any
 
-import pytorch_lightning as pl
 import torch
 
 from trainer.metrics.csv_logger import CSVMetricsLogger
 from trainer.metrics.flops import device_peak_flops
+from trainer.namespace import pl
 
 
 class ThroughputMonitor(pl.Callback):

@@ -18,13 +18,12 @@ import re
 from pathlib import Path
 from typing import Any
 
-from pytorch_lightning.loggers import WandbLogger
-from pytorch_lightning.utilities import rank_zero_only
-
 from trainer.config.schema import WandbLoggerConfig
+from trainer.namespace import fabric_module, pl
 from trainer.secrets import flatten, redact, redact_override
 
 log = logging.getLogger("trainer")
+rank_zero_only = pl.utilities.rank_zero_only
 
 
 def wandb_run_id(run_name: str, run_dir: Path) -> str:
@@ -37,7 +36,7 @@ def resolve_mode(cfg: WandbLoggerConfig) -> str:
     return cfg.mode or os.environ.get("WANDB_MODE") or "offline"
 
 
-class SafeWandbLogger(WandbLogger):
+class SafeWandbLogger(pl.loggers.WandbLogger):
     """Lightning's WandbLogger, except that no W&B failure can stop training."""
 
     def __init__(self, *args: Any, **kwargs: Any) -> None:
@@ -64,9 +63,8 @@ class SafeWandbLogger(WandbLogger):
 
     @rank_zero_only
     def log_hyperparams(self, params: Any) -> None:
-        from lightning_fabric.utilities.logger import _convert_params
-
-        self._safely(super().log_hyperparams, redact(_convert_params(params)))
+        convert = fabric_module("utilities.logger")._convert_params
+        self._safely(super().log_hyperparams, redact(convert(params)))
 
     @rank_zero_only
     def log_metrics(self, metrics: Any, step: int | None = None) -> None:

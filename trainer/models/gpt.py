@@ -10,12 +10,12 @@ import math
 from collections.abc import Mapping
 from typing import Any
 
-import pytorch_lightning as pl
 import torch
 import torch.nn.functional as F
 from torch import nn
 
 from trainer import optim as optim_lib
+from trainer.namespace import pl
 
 
 class CausalSelfAttention(nn.Module):

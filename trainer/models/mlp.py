@@ -5,12 +5,12 @@ from __future__ import annotations
 from collections.abc import Mapping, Sequence
 from typing import Any
 
-import pytorch_lightning as pl
 import torch
 import torch.nn.functional as F
 from torch import nn
 
 from trainer import optim as optim_lib
+from trainer.namespace import pl
 
 
 class MLPModule(pl.LightningModule):

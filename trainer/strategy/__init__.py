@@ -29,9 +29,9 @@ def build_strategy(strategy: StrategyConfig, precision: str, accelerator: str) -
             process_group_backend=backend,
             timeout=timeout,
         )
-    from pytorch_lightning.strategies import DDPStrategy
+    from trainer.namespace import pl_module
 
-    return DDPStrategy(
+    return pl_module("strategies").DDPStrategy(
         process_group_backend=backend,
         timeout=timeout,
         find_unused_parameters=strategy.find_unused_parameters,

@@ -23,12 +23,7 @@ from datetime import timedelta
 from pathlib import Path
 from typing import Any
 
-import pytorch_lightning as pl
 import torch
-from lightning_fabric.utilities.init import _materialize_distributed_module
-from lightning_fabric.utilities.optimizer import _optimizers_to_device
-from pytorch_lightning.strategies import ModelParallelStrategy
-from pytorch_lightning.trainer.states import TrainerFn
 from torch import nn
 
 from trainer.checkpoint.manifest import (
@@ -39,6 +34,11 @@ from trainer.checkpoint.manifest import (
     sha256_file,
     write_manifest,
 )
+from trainer.namespace import fabric_module, pl, pl_module
+
+_materialize_distributed_module = fabric_module("utilities.init")._materialize_distributed_module
+_optimizers_to_device = fabric_module("utilities.optimizer")._optimizers_to_device
+TrainerFn = pl_module("trainer.states").TrainerFn
 
 log = logging.getLogger("trainer")
 
@@ -93,7 +93,7 @@ def _wrap_in_place(root: nn.Module, targets: list[nn.Module], wrap: Any) -> list
     return wrapped
 
 
-class FSDP2Strategy(ModelParallelStrategy):
+class FSDP2Strategy(pl_module("strategies").ModelParallelStrategy):
     """Fully sharded data parallel over all ranks (``full``) or within each node, replicated across nodes
     (``hybrid``); optional per-unit activation checkpointing, CPU offload and bf16 parameters with fp32
     gradient reduction (``precision=bf16-mixed``)."""

@@ -16,8 +16,7 @@ import time
 from collections.abc import Iterator
 from pathlib import Path
 
-from trainer import rundir
-from trainer.checkpoint.manifest import atomic_write_text
+from trainer.files import atomic_write_text, read_json
 
 FILE = "sweep.json"
 LOCK = ".sweep.lock"
@@ -27,7 +26,7 @@ DONE = ("finished", "pruned")
 
 
 def read(sweep_dir: Path) -> dict:
-    return rundir.read_json(sweep_dir / FILE) or {}
+    return read_json(sweep_dir / FILE) or {}
 
 
 @contextlib.contextmanager

@@ -20,15 +20,15 @@ import threading
 import time
 from pathlib import Path
 
-from trainer import rundir
+from trainer import exits, rundir
+from trainer.config.compose import Composed, compose, quote_numeric_choices, session
 from trainer.config.errors import ConfigError, report
+from trainer.files import read_json
 from trainer.launch import slurm
 from trainer.launch.local import die_with_parent
 from trainer.secrets import redact_override
 from trainer.sweep import OPTUNA_ENV, ledger
-from trainer.sweep.trials import Composed, SweepPlan, compose, pinned_args, plan_sweep
-
-EXIT_INTERRUPTED = 75
+from trainer.sweep.trials import SweepPlan, pinned_args, plan_sweep
 
 
 class Runner:
@@ -132,14 +132,14 @@ class Runner:
             code = proc.wait()
             with self.lock:
                 self.running.pop(index, None)
-        state = rundir.read_json(run_dir / rundir.STATE_FILE) or {}
+        state = read_json(run_dir / rundir.STATE_FILE) or {}
         metric = self.plan.settings.metric
         last = rundir.last_metrics(run_dir / rundir.METRICS_FILE, (metric,))
         fields = {"returncode": code, "steps": last.get("step"), "objective": last.get(metric),
                   "seconds": round(time.time() - started, 2), "log": str(log)}  # fmt: skip
         if code == 0:
             fields["state"] = "pruned" if state.get("status") == "pruned" else "finished"
-        elif code == EXIT_INTERRUPTED or (self.stopping is not None and code < 0):
+        elif code == exits.PREEMPTED or (self.stopping is not None and code < 0):
             fields["state"] = "interrupted"  # (a trial still starting up dies of the forwarded signal)
         else:
             fields["state"] = "failed"
@@ -248,7 +248,7 @@ def run_optuna(runner: Runner, argv: list[str]) -> None:
             overrides = plan.space.trial(params) + [f"run.name=trial-{number:04d}"]
             try:
                 with compose_lock:
-                    c = compose(overrides, runner.config_dir, plan.dir, "local")
+                    c = compose(overrides, runner.config_dir, where="local", run_root=plan.dir)
             except Exception as exc:  # a point of the space that does not validate
                 from trainer.config.errors import describe
 
@@ -308,13 +308,7 @@ def parse_argv(args: list[str]) -> tuple[str | None, list[str]]:
 
 
 def main(args: list[str]) -> int:
-    from hydra import initialize_config_dir
-
-    from trainer.config import schema
-    from trainer.train import conf_dir, quote_numeric_choices
-
-    schema.register()
-    with initialize_config_dir(config_dir=conf_dir(), version_base="1.3"):
+    with session():
         try:
             config_dir, overrides = parse_argv(args)
             overrides = quote_numeric_choices(overrides)
@@ -331,8 +325,8 @@ def main(args: list[str]) -> int:
     print(f"[sweep] {plan.name}: see `trainer status {plan.dir}` and `trainer report {plan.dir}`", flush=True)
     if runner.stopping is not None:
         print(
-            f"[sweep] interrupted: run the same command again to continue (exit {EXIT_INTERRUPTED})",
+            f"[sweep] interrupted: run the same command again to continue (exit {exits.PREEMPTED})",
             flush=True,
         )
-        return EXIT_INTERRUPTED
+        return exits.PREEMPTED
     return 1 if runner.failed else 0

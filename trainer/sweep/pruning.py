@@ -10,7 +10,7 @@ from __future__ import annotations
 
 from typing import Any
 
-import pytorch_lightning as pl
+from trainer.namespace import pl
 
 
 class OptunaPruning(pl.Callback):

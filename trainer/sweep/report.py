@@ -16,6 +16,7 @@ from pathlib import Path
 from typing import Any
 
 from trainer import rundir
+from trainer.files import read_json
 from trainer.sweep import ledger
 
 USAGE = """\
@@ -52,7 +53,7 @@ def trial_rows(sweep_dir: Path) -> tuple[dict, list[dict]]:
     rows = []
     for t in data.get("trials", []):
         run_dir = Path(t["run_dir"]) if t.get("run_dir") else None
-        state = rundir.read_json(run_dir / rundir.STATE_FILE) if run_dir else None
+        state = read_json(run_dir / rundir.STATE_FILE) if run_dir else None
         last = rundir.last_metrics(run_dir / rundir.METRICS_FILE, (metric,)) if run_dir else {}
         summary = (state or {}).get("summary") or {}
         rows.append({
@@ -200,7 +201,7 @@ def main(argv: list[str]) -> int:
         print_table(data, rows)
         written = plot_sweep(target, data, rows)
     elif (target / rundir.METRICS_FILE).is_file():
-        state = rundir.read_json(target / rundir.STATE_FILE) or {}
+        state = read_json(target / rundir.STATE_FILE) or {}
         summary = state.get("summary") or {}
         print(f"run {state.get('name', target.name)}: {state.get('status', '?')}, "
               f"{summary.get('steps', '?')} steps, train loss {summary.get('train_loss')}, "

@@ -1,8 +1,8 @@
-"""Compose and check one trial (or one plain run) outside ``hydra.main``, and spell out its command line.
+"""A sweep's trials: expanded from the search space, each composed and checked (``trainer.config.compose``)
+before any runs, and each trial's ``trainer train`` command line with its identity pinned.
 
-Shared by ``trainer submit`` and the local sweep runner: both check every trial before anything runs, and
-both start ``trainer train`` with the trial's overrides plus its identity (``run.name``, ``run.dir``) pinned.
-Imports no torch for the cluster checks; the local checks import it (they ask this machine's devices).
+Shared by ``trainer submit`` and the local sweep runner. Imports no torch for the cluster checks; the local
+checks import it (they ask this machine's devices).
 """
 
 from __future__ import annotations
@@ -14,59 +14,11 @@ import os
 import re
 from pathlib import Path
 
-from omegaconf import OmegaConf, open_dict
-
-from trainer import rundir
 from trainer.config import schema
+from trainer.config.compose import Composed, compose
 from trainer.config.errors import ConfigError
 from trainer.launch.local import quote
 from trainer.sweep.space import Space, corner_trials, grid, parse, sample
-
-
-@dataclasses.dataclass
-class Composed:
-    """One trial, composed and checked."""
-
-    conf: schema.TrainConfig
-    resolved: dict
-    paths: rundir.RunPaths
-    plan: rundir.Plan
-    task_overrides: list[str]
-    experiment: str | None
-    accelerator: str = "cpu"
-    """What the trial trains on (``cpu``/``gpu``/``mps``): for a cluster, the nodes'; else this machine's."""
-
-
-def compose(
-    overrides: list[str], config_dir: str | None, run_root: Path | None, where: str = "cluster"
-) -> Composed:
-    """Inside ``hydra.initialize_config_dir``: compose ``train`` with ``overrides``, type and check it for a
-    cluster's nodes (``where="cluster"``) or for this machine (``"local"``), and read its run directory."""
-    from hydra import compose as hydra_compose
-
-    from trainer.config.validate import check, check_components, check_for_cluster, to_typed
-    from trainer.launch import slurm
-
-    extra = [f"hydra.searchpath=[file://{os.path.abspath(config_dir)}]"] if config_dir else []
-    cfg = hydra_compose("train", overrides=overrides + extra, return_hydra_config=True)
-    hydra_node = cfg.hydra
-    choices, task = hydra_node.runtime.choices, list(hydra_node.overrides.task)
-    with open_dict(cfg):
-        del cfg["hydra"]
-        if run_root is not None:
-            cfg.run.root = str(run_root)
-    check_components(cfg, choices)
-    conf = to_typed(cfg)
-    accelerator = check_for_cluster(conf) if where == "cluster" else check(conf)
-    resolved = OmegaConf.to_container(cfg, resolve=True)
-    experiment = choices.get("experiment")
-    paths = rundir.resolve_paths(resolved, experiment)
-    paths = rundir.RunPaths(paths.name, Path(os.path.abspath(paths.dir)))
-    plan = rundir.plan(
-        paths, resolved, conf.resume, rank_zero=True, allow_config_change=conf.checkpoint.allow_config_change
-    )
-    slurm.check_words("run.name", [paths.name])
-    return Composed(conf, resolved, paths, plan, task, experiment, accelerator)
 
 
 def sweep_name(experiment: str | None, overrides: list[str]) -> str:
@@ -85,11 +37,7 @@ def pinned_args(c: Composed, config_dir: str | None, extra: list[str]) -> list[s
     """A trial's ``trainer train`` arguments: config dir, the trial's overrides, and its identity spelled
     out, so every task and every later attempt agrees on the run directory."""
     flags = ["--config-dir", os.path.abspath(config_dir)] if config_dir else []
-    own = [
-        o
-        for o in c.task_overrides
-        if o.split("=", 1)[0].lstrip("+~") not in ("run.name", "run.dir", "run.root")
-    ]
+    own = [o for o in c.own_overrides if o.split("=", 1)[0].lstrip("+~") != "run.root"]
     return flags + own + extra + [f"run.name={plain(c.paths.name)}", f"run.dir={plain(str(c.paths.dir))}"]
 
 
@@ -135,7 +83,7 @@ def plan_sweep(overrides: list[str], config_dir: str | None, where: str) -> Swee
 
     space = parse(overrides)
     probe = corner_trials(space) if space.params else [overrides]
-    first = compose(probe[0], config_dir, None, where)
+    first = compose(probe[0], config_dir, where=where)
     settings = first.conf.sweep
     if first.resolved["run"].get("dir"):
         raise ConfigError(
@@ -154,7 +102,7 @@ def plan_sweep(overrides: list[str], config_dir: str | None, where: str) -> Swee
     plan = SweepPlan(name, sweep_dir, settings, space, trials, [])
     for i, trial in enumerate(trials):
         try:
-            plan.composed.append(compose(trial, config_dir, sweep_dir, where))
+            plan.composed.append(compose(trial, config_dir, where=where, run_root=sweep_dir))
         except Exception as exc:
             line = describe(exc)
             if line is None:
