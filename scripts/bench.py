@@ -61,6 +61,7 @@ def spread(num: list[float], den: list[float], scale: float = 1.0) -> str:
 def hand_loop(steps: int, threads: int | None = None) -> float:
     """Tokens/s of a plain PyTorch loop over the same model, data, optimizer, schedule and clipping."""
     import torch
+
     from trainer.config.compose import compose, session
     from trainer.fit import build_data, build_model
     from trainer.optim import build_optimizer, lr_factor

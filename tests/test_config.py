@@ -11,8 +11,8 @@ from hydra import compose, initialize_config_dir
 
 from trainer.cli import main
 from trainer.config import schema
+from trainer.config.compose import conf_dir, normalize
 from trainer.config.validate import to_typed
-from trainer.config.compose import conf_dir, quote_numeric_choices
 
 pytestmark = pytest.mark.unit
 
@@ -27,8 +27,8 @@ def options(group: str) -> list[str]:
 def compose_typed(overrides: list[str]) -> schema.TrainConfig:
     schema.register()
     with initialize_config_dir(str(CONF), version_base="1.3"):
-        cfg = compose("train", overrides=quote_numeric_choices(overrides))
-    return to_typed(cfg)
+        cfg = compose("train", overrides=normalize(overrides))
+    return to_typed(cfg)[0]
 
 
 def test_groups_are_the_documented_ones():

@@ -10,8 +10,8 @@ import pytest
 import torch
 from conftest import column, read_metrics
 
-from trainer.metrics.csv_logger import COLUMNS
 from trainer.config.compose import conf_dir
+from trainer.metrics.csv_logger import COLUMNS
 
 pytestmark = pytest.mark.slow
 

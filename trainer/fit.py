@@ -14,30 +14,25 @@ import time
 import warnings
 from typing import Any
 
-from hydra.utils import instantiate
+from hydra.utils import get_object, instantiate
 
-from trainer import exits, rundir
-from trainer.checkpoint.callback import (
-    Checkpointer,
-    StopRun,
-    install_early_handlers,
-)
+from trainer import exits, namespace, rundir
+from trainer.checkpoint.callback import Checkpointer, StopRun, install_early_handlers
+from trainer.checkpoint.hparams import PlainHyperparameters
 from trainer.checkpoint.io import AtomicCheckpointIO
+from trainer.config import compose
 from trainer.config.compose import Composed
-from trainer.config.schema import (
-    CheckpointConfig,
-    LoggerConfig,
-    OptimConfig,
-    PrecisionConfig,
-    StrategyConfig,
-    TrainerConfig,
-)
+from trainer.config.errors import ConfigError
+from trainer.data.loading import take_over_train_loader
 from trainer.files import read_json
+from trainer.loop import FinalValidation
 from trainer.metrics.csv_logger import CSVMetricsLogger
+from trainer.metrics.names import ConfiguredMetrics
 from trainer.metrics.progress import StepProgressBar
 from trainer.metrics.throughput import ThroughputMonitor
 from trainer.metrics.wandb_logger import SafeWandbLogger, build_wandb_logger
 from trainer.namespace import fabric_module, pl, pl_module
+from trainer.protocols import ShardingReport, StopsRun
 from trainer.strategy import build_strategy
 from trainer.sweep import OPTUNA_ENV
 
@@ -54,7 +49,19 @@ class _DropAdverts(logging.Filter):
         return "Tip:" not in str(record.msg)
 
 
-logging.getLogger("pytorch_lightning.utilities.rank_zero").addFilter(_DropAdverts())
+logging.getLogger(f"{namespace.PACKAGES[namespace.chosen()][0]}.utilities.rank_zero").addFilter(
+    _DropAdverts()
+)
+
+
+def _one_handler_per_message() -> None:
+    """The ``lightning`` package gives its logger a console handler of its own even where the root logger
+    has one (Hydra's), which printed every Lightning message twice: with a root handler, that one is enough."""
+    if logging.getLogger().handlers:
+        for name in ("lightning", *namespace.PACKAGES[namespace.chosen()]):
+            logger = logging.getLogger(name)
+            if logger.propagate:
+                logger.handlers.clear()
 
 
 class RunStopped(Exception):
@@ -65,40 +72,83 @@ class RunStopped(Exception):
         self.message, self.code = message, code
 
 
-def build_model(model_cfg: Any, optim: OptimConfig) -> pl.LightningModule:
-    """The LightningModule named by ``model._target_``; it gets the ``optim`` slice if it takes one."""
-    import inspect
+class DataResumeNotes:
+    """How the training data resumes (exactly, or only at the right step), said once and kept in run.json."""
 
-    from hydra.utils import get_class
+    def __init__(self, paths: rundir.RunPaths, rank_zero: bool) -> None:
+        self.paths, self.rank_zero, self.said = paths, rank_zero, False
 
-    target = model_cfg["_target_"] if isinstance(model_cfg, dict) else model_cfg._target_
-    params = inspect.signature(get_class(target).__init__).parameters
-    extra = {"optim": _plain(optim)} if "optim" in params else {}
-    module = instantiate(model_cfg, **extra, _convert_="all")
-    if not isinstance(module, pl.LightningModule):
-        raise TypeError(f"model._target_={target} is not a pytorch_lightning.LightningModule")
-    return module
+    def __call__(self, reason: str | None) -> None:
+        if self.said or not self.rank_zero:
+            return
+        self.said = True
+        if reason is not None:
+            log.warning("data: %s: a resumed run continues at the right step, but not with the samples an "
+                        "uninterrupted run would have seen next", reason)  # fmt: skip
+        rundir.annotate(self.paths, data_resume={"exact": reason is None, "reason": reason})
 
 
-def build_data(data_cfg: Any) -> pl.LightningDataModule:
-    module = instantiate(data_cfg, _convert_="all")
-    if not isinstance(module, pl.LightningDataModule):
-        raise TypeError(
-            f"data._target_ built a {type(module).__name__}, not a pytorch_lightning.LightningDataModule"
-        )
-    return module
+def _instantiate(node: dict, key: str, kind: Any, what: str, **extra: Any) -> Any:
+    """Build a config node's object and check that Lightning will take it (the run's namespace)."""
+    obj = instantiate(node, **extra, _convert_="all")
+    if not isinstance(obj, kind):
+        raise ConfigError(
+            f"{key}._target_", node.get("_target_"),
+            f"a {namespace.PACKAGES[namespace.chosen()][0]}.{what} (it built a {type(obj).__name__})",
+        )  # fmt: skip
+    return obj
+
+
+def model_nodes(c: Composed) -> dict[str, Any]:
+    """The model's constructor arguments as config nodes: its own, plus the optimizer/scheduler it is given."""
+    nodes = dict(c.resolved["model"])
+    for argument, slice_ in (("optimizer", "optim"), ("scheduler", "scheduler")):
+        if c.model_gets.get(argument):
+            nodes[argument] = c.resolved[slice_]
+    return nodes
+
+
+def build_model(c: Composed) -> pl.LightningModule:
+    """The LightningModule of ``model``; it gets the run's optimizer and scheduler if it takes them."""
+    nodes = model_nodes(c)
+    given = {k: nodes[k] for k in ("optimizer", "scheduler") if c.model_gets.get(k)}
+    own = {k: v for k, v in c.resolved["model"].items()}
+    return _instantiate(own, "model", pl.LightningModule, "LightningModule", **given)
+
+
+def build_data(c: Composed) -> pl.LightningDataModule:
+    return _instantiate(c.resolved["data"], "data", pl.LightningDataModule, "LightningDataModule")
+
+
+def build_callbacks(c: Composed) -> list[pl.Callback]:
+    """The ``callbacks`` group's callbacks, in the order of their names."""
+    return [
+        _instantiate(node, f"callbacks.{name}", pl.Callback, "Callback")
+        for name, node in sorted((c.resolved.get("callbacks") or {}).items())
+        if node is not None
+    ]
+
+
+def build_extra_loggers(c: Composed) -> list[Any]:
+    """``logger.extra``'s loggers; one that takes ``save_dir`` and does not set it writes into the run dir."""
+    from trainer.optim import takes
+
+    out = []
+    for name, node in sorted((c.resolved["logger"].get("extra") or {}).items()):
+        if node is None:
+            continue
+        extra = {}
+        if "save_dir" not in node and takes(get_object(node["_target_"]), "save_dir"):
+            extra["save_dir"] = str(c.paths.dir)
+        out.append(_instantiate(node, f"logger.extra.{name}", pl.loggers.Logger, "loggers.Logger", **extra))
+    return out
 
 
 def build_trainer(
-    trainer: TrainerConfig,
-    strategy: StrategyConfig,
-    precision: PrecisionConfig,
-    checkpoint: CheckpointConfig,
-    logger: LoggerConfig,
-    accelerator: str,
-    paths: rundir.RunPaths,
-    manifest_extra: dict,
+    c: Composed, manifest_extra: dict, wandb_id: str, own_callbacks: list[pl.Callback]
 ) -> tuple[pl.Trainer, ThroughputMonitor, Checkpointer]:
+    trainer, strategy, precision = c.conf.trainer, c.conf.strategy, c.conf.precision
+    checkpoint, logger, paths, accelerator = c.conf.checkpoint, c.conf.logger, c.paths, c.accelerator
     monitor = ThroughputMonitor(trainer.log_every_n_steps, accelerator, str(precision.value))
     checkpointer = Checkpointer(
         paths.checkpoints,
@@ -113,13 +163,18 @@ def build_trainer(
         step_timeout_s=strategy.step_timeout_s,
         manifest_extra=manifest_extra,
     )
-    callbacks: list[pl.Callback] = [monitor, checkpointer]
+    names = {"checkpoint.monitor": checkpoint.monitor}
+    if os.environ.get(OPTUNA_ENV) or c.conf.sweep.metric != checkpoint.monitor:
+        names["sweep.metric"] = c.conf.sweep.metric
+    callbacks: list[pl.Callback] = [monitor, checkpointer, FinalValidation(), ConfiguredMetrics(names)]
+    callbacks += own_callbacks
     if trainer.enable_progress_bar:
         callbacks.append(StepProgressBar(trainer.log_every_n_steps))
     if os.environ.get(OPTUNA_ENV):  # a trial of an Optuna sweep: report the objective, stop when pruned
         from trainer.sweep.pruning import OptunaPruning
 
         callbacks.append(OptunaPruning(json.loads(os.environ[OPTUNA_ENV])))
+    callbacks += build_callbacks(c)
     plugins: list[Any] = [AtomicCheckpointIO()]
     SLURMEnvironment = fabric_module("plugins.environments").SLURMEnvironment
     if SLURMEnvironment.detect():
@@ -129,9 +184,10 @@ def build_trainer(
         [CSVMetricsLogger(paths.metrics, logger.csv.flush_every_n_rows)] if logger.csv else []
     )
     if logger.wandb is not None:
-        wandb_logger = build_wandb_logger(logger.wandb, paths.name, paths.dir)
+        wandb_logger = build_wandb_logger(logger.wandb, paths.name, paths.dir, wandb_id)
         if wandb_logger is not None:
             loggers.append(wandb_logger)
+    loggers += build_extra_loggers(c)
     pl_trainer = pl.Trainer(
         accelerator=accelerator,
         devices=trainer.devices,
@@ -143,7 +199,6 @@ def build_trainer(
         accumulate_grad_batches=trainer.accumulate_grad_batches,
         gradient_clip_val=trainer.gradient_clip_val,
         val_check_interval=trainer.val_check_interval,
-        check_val_every_n_epoch=None,  # val_check_interval counts batches across epoch boundaries
         limit_val_batches=trainer.limit_val_batches if trainer.limit_val_batches is not None else 1.0,
         num_sanity_val_steps=trainer.num_sanity_val_steps,
         log_every_n_steps=trainer.log_every_n_steps,
@@ -155,6 +210,9 @@ def build_trainer(
         callbacks=callbacks,
         plugins=plugins,
         default_root_dir=str(paths.dir),
+        # An interval counts batches across epoch boundaries; none means once per epoch. Any other Lightning
+        # flag beyond the schema's is passed as given.
+        **{"check_val_every_n_epoch": None if trainer.val_check_interval else 1, **c.trainer_flags},
     )
     return pl_trainer, monitor, checkpointer
 
@@ -162,33 +220,32 @@ def build_trainer(
 def fit(c: Composed) -> dict:
     """Train the checked run ``c`` in this process (one rank of it); returns the closing summary."""
     conf, resolved, paths, plan, overrides = c.conf, c.resolved, c.paths, c.plan, c.own_overrides
-    accelerator = c.accelerator
     started = time.perf_counter()
+    _one_handler_per_message()
     install_early_handlers(list(conf.checkpoint.save_on_signals))
     pl.seed_everything(conf.seed, workers=True, verbose=False)
-    data = build_data(conf.data)
-    model = build_model(conf.model, conf.optim)
+    data = build_data(c)
+    model = build_model(c)
+    # Before anything is written: hyperparameters that no checkpoint could store stop the run here.
+    plain_hparams = PlainHyperparameters(model_nodes(c), dict(resolved["data"]))
+    plain_hparams.check(model, data)
+    data_notes = DataResumeNotes(paths, compose.env_rank() == 0)
+    ours = str(resolved["data"].get("_target_", "")).startswith("trainer.")
+    if not ours:  # the built-in data modules resume exactly by construction
+        take_over_train_loader(data, conf.seed, data_notes)
     manifest_extra = {
         "config_hash": rundir.config_hash(resolved),
         "identity": rundir.resume_identity(resolved),
     }
+    wandb_id = rundir.wandb_id(paths)
     if conf.logger.wandb is not None:  # which W&B run this state belongs to
-        from trainer.metrics.wandb_logger import wandb_run_id
-
-        manifest_extra["wandb_run_id"] = wandb_run_id(paths.name, paths.dir)
-    trainer, monitor, checkpointer = build_trainer(
-        conf.trainer,
-        conf.strategy,
-        conf.precision,
-        conf.checkpoint,
-        conf.logger,
-        accelerator,
-        paths,
-        manifest_extra,
-    )
+        manifest_extra["wandb_run_id"] = wandb_id
+    trainer, monitor, checkpointer = build_trainer(c, manifest_extra, wandb_id, [plain_hparams])
     wandb_logger = next((lg for lg in trainer.loggers if isinstance(lg, SafeWandbLogger)), None)
     if trainer.is_global_zero:
         rundir.start(paths, resolved, overrides, plan, conf.seed, trainer.world_size)
+        if ours:
+            data_notes(None)
         if plan.action == "resume":
             log.info("resuming %s from %s", paths.name, plan.checkpoint)
         if wandb_logger is not None:
@@ -196,7 +253,7 @@ def fit(c: Composed) -> dict:
             info = {"overrides": overrides, "git": state.get("git"), "versions": state.get("versions"),
                     "run_dir": str(paths.dir), "attempt": len(state.get("attempts", []))}  # fmt: skip
             wandb_logger.log_run_info(resolved, info)
-            rundir.annotate(paths, wandb={"id": wandb_logger._id, "mode": wandb_logger._wandb_init.get("mode"),
+            rundir.annotate(paths, wandb={"id": wandb_logger.run_id, "mode": wandb_logger.mode,
                                           "failed": wandb_logger.failed})  # fmt: skip
     SIGTERMException = pl_module("utilities.exceptions").SIGTERMException
 
@@ -210,7 +267,7 @@ def fit(c: Composed) -> dict:
             # nothing new to save, and the run can simply be started again.
             checkpointer.preempted = True
         stopped_early = checkpointer.preempted or checkpointer.stopped_nonfinite
-        if not stopped_early and checkpointer._last_saved_step != trainer.global_step:
+        if not stopped_early and checkpointer.last_saved_step != trainer.global_step:
             checkpointer.save(trainer, "final")
     except BaseException:
         if trainer.is_global_zero:
@@ -218,7 +275,8 @@ def fit(c: Composed) -> dict:
         raise
     finally:
         checkpointer.restore_signal_handlers()
-    summary = summarise(trainer, monitor, checkpointer, paths, time.perf_counter() - started)
+    names = [conf.checkpoint.monitor, conf.sweep.metric]
+    summary = summarise(trainer, monitor, checkpointer, paths, time.perf_counter() - started, names)
     last = paths.last_checkpoint
     stop: RunStopped | None = None
     if checkpointer.preempted:
@@ -236,7 +294,7 @@ def fit(c: Composed) -> dict:
             exits.NONFINITE,
         )
     else:
-        pruned = any(getattr(cb, "pruned", False) for cb in trainer.callbacks)
+        pruned = any(isinstance(cb, StopsRun) and cb.pruned for cb in trainer.callbacks)
         state = "pruned" if pruned else "finished"
         if (
             trainer.is_global_zero
@@ -288,6 +346,7 @@ def summarise(
     checkpointer: Checkpointer,
     paths: rundir.RunPaths,
     seconds: float,
+    names: list[str],
 ) -> dict:
     rows = monitor.history
     # Skip the first logged window: it holds start-up work (first kernels, allocator warm-up).
@@ -301,12 +360,17 @@ def summarise(
         values = [r[key] for r in rows if key in r]
         return values[-1] if values else None
 
-    val = trainer.callback_metrics.get("val/loss")
+    # The configured metrics (checkpoint.monitor, sweep.metric) first, then the rest of the validation's.
+    logged = {k: float(v) for k, v in trainer.callback_metrics.items() if v.numel() == 1}
+    shown = [n for n in dict.fromkeys(names) if n in logged]
+    shown += [k for k in sorted(logged) if k not in shown and (k.startswith("val") or "/val" in k)]
+    val = logged.get("val/loss")
     return {
         "steps": trainer.global_step,
         "world_size": trainer.world_size,
         "train_loss": last("train/loss"),
-        "val_loss": float(val) if val is not None else None,
+        "val_loss": val,
+        "validation": {k: logged[k] for k in shown},
         "samples_per_sec": mean("train/samples_per_sec"),
         "tokens_per_sec": mean("train/tokens_per_sec"),
         "mfu": mean("train/mfu"),
@@ -319,7 +383,7 @@ def summarise(
         "checkpoint": str(paths.last_checkpoint),
         "checkpoint_saves": checkpointer.saves,
         # FSDP: the mesh and how many parameters each rank holds (proof that they are sharded).
-        "sharding": getattr(trainer.strategy, "report", None) or None,
+        "sharding": trainer.strategy.report if isinstance(trainer.strategy, ShardingReport) else None,
     }
 
 
@@ -329,7 +393,9 @@ def print_summary(s: dict) -> None:
 
     lines = [
         f"finished {s['steps']} steps on {s['world_size']} process(es) in {s['wall_time_s']:.1f} s",
-        f"  train loss {num(s['train_loss'], '.4f')}   val loss {num(s['val_loss'], '.4f')}",
+        f"  train loss {num(s['train_loss'], '.4f')}"
+        + "".join(f"   {k} {num(v, '.4f')}" for k, v in s["validation"].items())
+        + ("" if s["validation"] else "   no validation metric"),
         f"  throughput {num(s['samples_per_sec'], ',.0f')} samples/s"
         + (f"   {num(s['tokens_per_sec'], ',.0f')} tokens/s" if s["tokens_per_sec"] is not None else "")
         + f"   MFU {num(s['mfu'] and s['mfu'] * 100, '.1f')}% (peak: {s['peak_source']})"
@@ -339,9 +405,3 @@ def print_summary(s: dict) -> None:
         f"  checkpoint  {s['checkpoint']}",
     ]
     print("\n".join(lines), flush=True)
-
-
-def _plain(obj: Any) -> Any:
-    import dataclasses
-
-    return dataclasses.asdict(obj) if dataclasses.is_dataclass(obj) else obj

@@ -1,25 +1,24 @@
-"""AdamW and its learning-rate schedule, shared by the built-in models (each passes its own ``optim`` slice)."""
+"""What the built-in models' ``configure_optimizers`` returns, from the optimizer and scheduler the config gives
+them (``_partial_`` nodes: ``optim`` and ``scheduler``), plus the built-in warmup schedule."""
 
 from __future__ import annotations
 
+import inspect
 import math
-from collections.abc import Mapping
+from collections.abc import Callable
 from typing import Any
 
 import torch
 
 
-def build_optimizer(module: torch.nn.Module, optim: Mapping[str, Any]) -> torch.optim.Optimizer:
-    """AdamW; weight decay only on matrices (>= 2 dims), never on biases, norms or scalars."""
+def param_groups(module: torch.nn.Module) -> list[dict]:
+    """Weight decay on matrices (>= 2 dims) only, never on biases, norms or scalars: the second group sets
+    its own ``weight_decay=0``, the first takes the optimizer's."""
     params = [p for p in module.parameters() if p.requires_grad]
-    decay = [p for p in params if p.dim() >= 2]
-    no_decay = [p for p in params if p.dim() < 2]
-    groups = [
-        {"params": decay, "weight_decay": float(optim["weight_decay"])},
-        {"params": no_decay, "weight_decay": 0.0},
+    return [
+        {"params": [p for p in params if p.dim() >= 2]},
+        {"params": [p for p in params if p.dim() < 2], "weight_decay": 0.0},
     ]
-    beta1, beta2 = (float(b) for b in optim["betas"])
-    return torch.optim.AdamW(groups, lr=float(optim["lr"]), betas=(beta1, beta2), eps=float(optim["eps"]))
 
 
 def lr_factor(step: int, total_steps: int, warmup_steps: int, schedule: str, min_lr_ratio: float) -> float:
@@ -32,12 +31,45 @@ def lr_factor(step: int, total_steps: int, warmup_steps: int, schedule: str, min
     return min_lr_ratio + (1.0 - min_lr_ratio) * 0.5 * (1.0 + math.cos(math.pi * progress))
 
 
-def configure(module: Any, optim: Mapping[str, Any]) -> dict:
-    """What a LightningModule's ``configure_optimizers`` returns: AdamW plus a per-step LambdaLR."""
-    optimizer = build_optimizer(module, optim)
-    total = int(module.trainer.estimated_stepping_batches)
-    warmup, schedule, floor = int(optim["warmup_steps"]), str(optim["schedule"]), float(optim["min_lr_ratio"])
-    scheduler = torch.optim.lr_scheduler.LambdaLR(
-        optimizer, lambda step: lr_factor(step, total, warmup, schedule, floor)
+class WarmupSchedule(torch.optim.lr_scheduler.LambdaLR):
+    """Linear warmup over ``warmup_steps``, then cosine decay to ``min_lr_ratio`` of the peak at
+    ``total_steps`` (or a constant rate), as a multiplier of each group's learning rate."""
+
+    def __init__(
+        self,
+        optimizer: torch.optim.Optimizer,
+        total_steps: int,
+        warmup_steps: int = 20,
+        schedule: str = "cosine",
+        min_lr_ratio: float = 0.1,
+    ) -> None:
+        self.total_steps, self.warmup_steps = int(total_steps), int(warmup_steps)
+        self.schedule, self.min_lr_ratio = str(schedule), float(min_lr_ratio)
+        super().__init__(optimizer, self.factor)
+
+    def factor(self, step: int) -> float:
+        return lr_factor(step, self.total_steps, self.warmup_steps, self.schedule, self.min_lr_ratio)
+
+
+def takes(factory: Callable[..., Any], name: str) -> bool:
+    """Whether a class or partial accepts the keyword ``name``."""
+    try:
+        return name in inspect.signature(factory).parameters
+    except (TypeError, ValueError):
+        return False
+
+
+def configure(
+    module: Any, optimizer: Callable[..., torch.optim.Optimizer], scheduler: Callable[..., Any] | None
+) -> dict:
+    """``configure_optimizers`` of a built-in model: the optimizer over its parameter groups, and the scheduler
+    (if any) stepped every optimizer step. A scheduler that takes ``total_steps`` gets the run's step count."""
+    opt = optimizer(param_groups(module))
+    if scheduler is None:
+        return {"optimizer": opt}
+    extra = (
+        {"total_steps": int(module.trainer.estimated_stepping_batches)}
+        if takes(scheduler, "total_steps")
+        else {}
     )
-    return {"optimizer": optimizer, "lr_scheduler": {"scheduler": scheduler, "interval": "step"}}
+    return {"optimizer": opt, "lr_scheduler": {"scheduler": scheduler(opt, **extra), "interval": "step"}}

@@ -12,6 +12,7 @@ import hashlib
 import json
 import os
 import platform
+import re
 import subprocess
 import sys
 import time
@@ -109,10 +110,15 @@ class RunPaths:
         return self.dir / SLURM_DIR
 
 
+def label(cfg: dict, experiment: str | None) -> str:
+    """What a run (or a sweep) is named after: its preset, or else its model's class (``LitAutoEncoder``)."""
+    return experiment or str((cfg.get("model") or {}).get("_target_") or "run").rsplit(".", 1)[-1]
+
+
 def resolve_paths(cfg: dict, experiment: str | None) -> RunPaths:
     """``run.name`` and ``run.dir`` with their defaults filled in."""
     run = cfg.get("run", {})
-    name = run.get("name") or f"{experiment or 'run'}-{config_hash(cfg)}"
+    name = run.get("name") or f"{label(cfg, experiment)}-{config_hash(cfg)}"
     if "/" in name or name in (".", ".."):
         raise ConfigError("run.name", name, "a name without '/' (set run.dir for a path)")
     if any(ord(ch) < 32 or ord(ch) == 127 for ch in name):
@@ -244,6 +250,17 @@ def package_versions() -> dict:
     return versions
 
 
+def wandb_id(paths: RunPaths) -> str:
+    """The W&B run of a run directory: the id its run.json recorded when the directory was created, so that
+    everything that continues the directory (a resume, a requeue, a longer run whose derived name changed)
+    continues the same W&B run; for a new directory, one made from its name plus a hash of its path."""
+    recorded = ((read_json(paths.state) or {}).get("wandb") or {}).get("id")
+    if recorded:
+        return str(recorded)
+    digest = hashlib.sha256(str(paths.dir.resolve()).encode()).hexdigest()[:8]
+    return f"{re.sub(r'[^A-Za-z0-9_-]', '-', paths.name)[:48]}-{digest}"
+
+
 def start(paths: RunPaths, cfg: dict, overrides: list[str], plan_: Plan, seed: int, world_size: int) -> None:
     """Rank zero, before training: write the config, the overrides and the run's state file."""
     paths.checkpoints.mkdir(parents=True, exist_ok=True)
@@ -257,6 +274,7 @@ def start(paths: RunPaths, cfg: dict, overrides: list[str], plan_: Plan, seed: i
     atomic_write_text(paths.config, yaml.safe_dump(cfg, sort_keys=False))
     atomic_write_text(paths.overrides, yaml.safe_dump(list(overrides)))
     state = read_json(paths.state) or {"name": paths.name, "created": time.time(), "attempts": []}
+    state.setdefault("wandb", {}).setdefault("id", wandb_id(paths))
     state.update(status="running", seed=seed, git=git_info(), versions=package_versions())
     state["attempts"].append(
         {

@@ -18,7 +18,7 @@ from pathlib import Path
 
 from trainer import exits, rundir
 from trainer.config import schema
-from trainer.config.compose import compose, quote_numeric_choices, session
+from trainer.config.compose import compose, normalize, session
 from trainer.config.errors import ConfigError, report
 from trainer.files import atomic_write_text, read_json
 from trainer.launch import slurm
@@ -107,7 +107,7 @@ class Submission:
 
 def prepare(opts: Options) -> Submission | None:
     """Everything that can fail on bad input; writes nothing. ``None``: nothing left to submit."""
-    overrides = quote_numeric_choices(opts.overrides)
+    overrides = normalize(opts.overrides)
     slurm.check_words("overrides", overrides)
     for override in overrides:
         key = override.split("=", 1)[0].lstrip("+~")

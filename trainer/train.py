@@ -41,7 +41,7 @@ def cli_main(args: list[str]) -> int:
     # multi-line report and exit 1).
     os.environ["HYDRA_FULL_ERROR"] = "1"
     # hydra.main reads its flags and overrides from sys.argv.
-    sys.argv = [sys.argv[0], *compose.quote_numeric_choices(args)]
+    sys.argv = [sys.argv[0], *compose.normalize(args)]
     schema.register()
     main = hydra.main(version_base="1.3", config_path=compose.conf_dir(), config_name="train")(run)
     try:
@@ -91,6 +91,11 @@ def run(cfg: DictConfig) -> None:
         start_workers(c, compose.config_source_args(hydra_cfg))
         return
 
+    from trainer import namespace
+
+    namespace.select(
+        c.namespace or namespace.DEFAULT
+    )  # before the first of our Lightning classes is imported
     from trainer.fit import RunStopped, fit
 
     try:

@@ -35,6 +35,7 @@ from trainer.checkpoint.manifest import (
     write_manifest,
 )
 from trainer.namespace import pl
+from trainer.protocols import RunLogger, ShardingReport, WriteStats
 from trainer.rundir import LAST_CHECKPOINT
 
 log = logging.getLogger("trainer")
@@ -130,6 +131,11 @@ class Checkpointer(pl.Callback):
         self._nonfinite_pending: str | None = None
         self._timeout_tightened = False
         self._at_step_boundary = True
+
+    @property
+    def last_saved_step(self) -> int | None:
+        """The step of the newest checkpoint this run saved (or resumed from)."""
+        return self._last_saved_step
 
     # ------------------------------------------------------------------ state in the checkpoint
 
@@ -277,8 +283,8 @@ class Checkpointer(pl.Callback):
         step = trainer.global_step
         path = self.directory / step_checkpoint_name(step)
         for logger in trainer.loggers:  # rows up to this step on disk: a resumed run keeps exactly those
-            if callable(flush := getattr(logger, "flush_all", None)):
-                flush()
+            if isinstance(logger, RunLogger):
+                logger.flush_all()
         started = time.perf_counter()
         # Only a validation of these very weights scores them (on_validation_end fills it in for a save made
         # at the same step); an older validation's value would rank the wrong weights.
@@ -291,11 +297,11 @@ class Checkpointer(pl.Callback):
             self._link_last(path)
             self._retain()
             # Sharded checkpoints are written by the strategy itself (FSDP2Strategy), others by the IO plugin.
-            written = (
-                getattr(trainer.strategy, "last_write", None)
-                or getattr(trainer.strategy.checkpoint_io, "last_write", None)
-                or {}
+            writer = next(
+                (w for w in (trainer.strategy, trainer.strategy.checkpoint_io) if isinstance(w, WriteStats)),
+                None,
             )
+            written = writer.last_write if writer is not None else {}
             stats = {
                 "step": step,
                 "stall_s": stall,
@@ -307,7 +313,10 @@ class Checkpointer(pl.Callback):
             if stats["write_s"]:
                 row["checkpoint/mb_per_s"] = stats["bytes"] / 1e6 / stats["write_s"]
             for logger in trainer.loggers:
-                logger.log_metrics({"step": step, **row}, step=step)
+                if isinstance(logger, RunLogger):
+                    logger.log_trainer_metrics(row, step)
+                else:
+                    logger.log_metrics(row, step=step)
             if reason in ("preempted", "nonfinite"):
                 log.info("checkpoint saved at step %d (%s): %s", step, reason, path)
         return path
@@ -377,7 +386,12 @@ class Checkpointer(pl.Callback):
             timeout = timedelta(seconds=self.step_timeout_s)
             _set_pg_timeout(timeout, None)
             # FSDP's hybrid mesh runs its gathers and reductions on groups of its own.
-            for group in getattr(trainer.strategy, "extra_process_groups", lambda: [])():
+            groups = (
+                trainer.strategy.extra_process_groups()
+                if isinstance(trainer.strategy, ShardingReport)
+                else []
+            )
+            for group in groups:
                 _set_pg_timeout(timeout, group)
         except Exception as err:  # a private torch API: keep training with the start-up timeout
             log.warning("could not shorten the collective timeout after the first step: %s", err)

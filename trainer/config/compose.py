@@ -58,6 +58,16 @@ def quote_numeric_choices(args: list[str]) -> list[str]:
     return out
 
 
+def normalize(args: list[str]) -> list[str]:
+    """The command line's overrides as Hydra must see them: numeric group choices quoted, and the default
+    preset left out when the user picks another model or data without a preset (conf/train.yaml)."""
+    args = quote_numeric_choices(args)
+    keys = [a.split("=", 1)[0].lstrip("+~") for a in args if "=" in a]
+    if "experiment" not in keys and any(k in ("model", "data") for k in keys):
+        args = [*args, "~experiment"]
+    return args
+
+
 def env_rank() -> int:
     """This process's global rank as set by a launcher (torchrun, srun, ours); 0 when there is none."""
     for var in ("RANK", "SLURM_PROCID"):
@@ -104,6 +114,12 @@ class Composed:
     experiment: str | None
     accelerator: str
     """What the run trains on (``cpu``/``gpu``/``mps``): for a cluster, its nodes'; else this machine's."""
+    namespace: str | None = None
+    """The Lightning namespace of the user's classes (``trainer.namespace``); None: built-in classes only."""
+    trainer_flags: dict = dataclasses.field(default_factory=dict)
+    """Lightning Trainer flags beyond the schema's, checked against Lightning's ``Trainer``."""
+    model_gets: dict = dataclasses.field(default_factory=dict)
+    """Whether the model is given the run's ``optimizer`` and ``scheduler`` (``trainer.config.targets``)."""
 
     @property
     def own_overrides(self) -> list[str]:
@@ -148,6 +164,8 @@ def check(
     ``hydra_node`` is Hydra's own part of the config (``HydraConfig.get()`` or ``cfg.hydra``): the group
     choices and the command-line overrides. ``run_root`` puts the run under another folder (a sweep's).
     """
+    from trainer import namespace
+    from trainer.config import targets
     from trainer.config.validate import (
         check_checkpoint_format,
         check_components,
@@ -161,7 +179,14 @@ def check(
         with open_dict(cfg):
             cfg.run.root = str(run_root)
     check_components(cfg, choices)
-    conf = to_typed(cfg)
+    run_namespace = targets.lightning_namespace(cfg)
+    targets.translate_lightning_targets(cfg, run_namespace or namespace.DEFAULT)
+    targets.check_signatures(cfg)
+    model_gets = targets.wire_optimizer(cfg, task)
+    conf, trainer_flags = to_typed(cfg)
+    if conf.sweep.direction is None:  # the objective's direction follows the checkpoint metric's mode
+        conf.sweep.direction = "maximize" if conf.checkpoint.mode == "max" else "minimize"
+        cfg.sweep.direction = conf.sweep.direction
     accelerator = check_for_cluster(conf) if where == "cluster" else check_here(conf)
     resolved = OmegaConf.to_container(cfg, resolve=True)
     experiment = choices.get("experiment")
@@ -176,4 +201,5 @@ def check(
             allow_config_change=conf.checkpoint.allow_config_change,
         )  # fmt: skip
     check_checkpoint_format(plan.checkpoint, conf.strategy.name)
-    return Composed(conf, resolved, paths, plan, task, experiment, accelerator)
+    return Composed(conf, resolved, paths, plan, task, experiment, accelerator, run_namespace, trainer_flags,
+                    model_gets)  # fmt: skip

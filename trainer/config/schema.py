@@ -35,6 +35,13 @@ def _non_negative(key: str, value: float | int | None) -> None:
         raise ConfigError(key, value, "a number >= 0")
 
 
+def _finite_positive(key: str, value: float | None) -> None:
+    import math
+
+    if value is None or not math.isfinite(value) or value <= 0:
+        raise ConfigError(key, value, "a finite number > 0")
+
+
 def _one_of(key: str, value: Any, allowed: tuple) -> None:
     if value not in allowed:
         raise ConfigError(key, value, "one of " + ", ".join(str(a) for a in allowed))
@@ -120,9 +127,13 @@ class MLPConfig:
 
 
 @dataclass
-class OptimConfig:
-    """AdamW with a linear warmup then cosine (or constant) learning-rate schedule."""
+class AdamWConfig:
+    """The built-in models' optimizer: ``torch.optim.AdamW`` as a ``_partial_`` node (the model supplies the
+    parameters, with weight decay on matrices only). Any other optimizer is a ``_target_`` node of the same
+    shape (``conf/optim/sgd.yaml``, or your own); a model that takes an ``optimizer`` argument gets it."""
 
+    _target_: str = "torch.optim.AdamW"
+    _partial_: bool = True
     lr: float = 3e-3
     """Peak learning rate."""
     weight_decay: float = 0.1
@@ -131,23 +142,34 @@ class OptimConfig:
     """Adam's (beta1, beta2)."""
     eps: float = 1e-8
     """Adam's epsilon."""
+
+    def __post_init__(self) -> None:
+        _finite_positive("lr", self.lr)
+        _non_negative("weight_decay", self.weight_decay)
+        _positive("eps", self.eps)
+        if len(self.betas) != 2 or not all(0.0 <= b < 1.0 for b in self.betas):
+            raise ConfigError("betas", list(self.betas), "two numbers in [0, 1)")
+
+
+@dataclass
+class WarmupScheduleConfig:
+    """The built-in learning-rate schedule: linear warmup, then cosine decay (or constant), stepped every
+    optimizer step. Any ``torch.optim.lr_scheduler`` class (or your own) works as a ``_partial_`` node too."""
+
+    _target_: str = "trainer.optim.WarmupSchedule"
+    _partial_: bool = True
     warmup_steps: int = 20
-    """Optimizer steps of linear warmup from 0 to ``lr``."""
+    """Optimizer steps of linear warmup from 0 to the optimizer's ``lr``."""
     schedule: str = "cosine"
     """After warmup: ``cosine`` decays to ``lr * min_lr_ratio`` at the last step; ``constant`` keeps ``lr``."""
     min_lr_ratio: float = 0.1
     """Final learning rate as a fraction of ``lr`` (cosine only)."""
 
     def __post_init__(self) -> None:
-        _positive("lr", self.lr)
-        _non_negative("weight_decay", self.weight_decay)
-        _positive("eps", self.eps)
         _non_negative("warmup_steps", self.warmup_steps)
         _one_of("schedule", self.schedule, ("cosine", "constant"))
         if not 0.0 <= self.min_lr_ratio <= 1.0:
             raise ConfigError("min_lr_ratio", self.min_lr_ratio, "a number in [0, 1]")
-        if len(self.betas) != 2 or not all(0.0 <= b < 1.0 for b in self.betas):
-            raise ConfigError("betas", list(self.betas), "two numbers in [0, 1)")
 
 
 # ---------------------------------------------------------------------------------------------- data
@@ -328,7 +350,12 @@ ACCELERATORS = ("auto", "cpu", "gpu", "cuda", "mps")
 
 @dataclass
 class TrainerConfig:
-    """The training loop: where it runs, how long, how often it validates and logs."""
+    """The training loop: where it runs, how long, how often it validates and logs.
+
+    Any other flag of Lightning's ``Trainer`` can be set here too (``trainer.detect_anomaly=true``,
+    ``trainer.max_time=00:02:00:00``): it is checked against ``Trainer.__init__``'s signature and passed on.
+    Flags that this project sets itself (strategy, precision, callbacks, logger, plugins, checkpointing) are
+    refused there, with the key that sets them."""
 
     accelerator: str = "auto"
     """``auto`` (a CUDA GPU if there is one, else CPU), ``cpu``, ``gpu``/``cuda`` or ``mps``."""
@@ -342,11 +369,13 @@ class TrainerConfig:
     """Epochs to train for when ``max_steps`` is -1."""
     accumulate_grad_batches: int = 1
     """Micro-batches whose gradients are summed before each optimizer step."""
-    gradient_clip_val: float | None = 1.0
-    """Clip the global gradient norm to this value (``null``: no clipping)."""
-    val_check_interval: int = 100
-    """Validate every this many training batches."""
-    limit_val_batches: int | None = 20
+    gradient_clip_val: float | None = None
+    """Clip the global gradient norm to this value (``null``: no clipping, Lightning's default; the GPT
+    presets clip at 1.0)."""
+    val_check_interval: int | None = None
+    """Validate every this many training batches (counted across epochs); ``null``: at the end of every epoch
+    (Lightning's default). Either way a run ends with a validation of its final weights."""
+    limit_val_batches: int | None = None
     """Validation batches per validation (``null``: the whole validation set; 0 disables validation)."""
     num_sanity_val_steps: int = 0
     """Validation batches run before training starts, to catch errors in validation early."""
@@ -372,7 +401,8 @@ class TrainerConfig:
         _positive("accumulate_grad_batches", self.accumulate_grad_batches)
         if self.gradient_clip_val is not None:
             _positive("gradient_clip_val", self.gradient_clip_val)
-        _positive("val_check_interval", self.val_check_interval)
+        if self.val_check_interval is not None:
+            _positive("val_check_interval", self.val_check_interval)
         if self.limit_val_batches is not None:
             _non_negative("limit_val_batches", self.limit_val_batches)
         _non_negative("num_sanity_val_steps", self.num_sanity_val_steps)
@@ -429,6 +459,10 @@ class LoggerConfig:
     """CSV metrics file; always on unless set to ``null``."""
     wandb: WandbLoggerConfig | None = None
     """W&B tracking; ``logger=wandb`` (or ``logger=[csv,wandb]``) turns it on."""
+    extra: dict[str, Any] = field(default_factory=dict)
+    """Any other Lightning logger, by name: a ``_target_`` node with its arguments (``logger=[csv,tensorboard]``
+    adds ``extra.tensorboard``). A logger that takes ``save_dir`` and does not set it writes into the run
+    directory."""
 
 
 # ---------------------------------------------------------------------------------------------- checkpoint
@@ -599,10 +633,11 @@ class SweepConfig:
     ``cluster.array_parallelism``. On CPU each gets ``cores / parallel`` threads."""
     seed: int = 0
     """Seed of the random sampling (``random``) or of Optuna's sampler."""
-    metric: str = "val/loss"
-    """The objective: a metric of the trial's run (its last logged value)."""
-    direction: str = "minimize"
-    """``minimize`` or ``maximize`` the objective."""
+    metric: str = "${checkpoint.monitor}"
+    """The objective: a metric of the trial's run (its last logged value); by default the metric that ranks
+    checkpoints, so one setting names your module's metric for both."""
+    direction: str | None = None
+    """``minimize`` or ``maximize`` the objective; ``null``: from ``checkpoint.mode`` (min: minimize)."""
     sampler: str = "tpe"
     """Optuna's sampler: ``tpe`` or ``random``."""
     pruner: str = "median"
@@ -621,7 +656,8 @@ class SweepConfig:
         if self.num_trials is not None:
             _positive("num_trials", self.num_trials)
         _positive("parallel", self.parallel)
-        _one_of("direction", self.direction, ("minimize", "maximize"))
+        if self.direction is not None:
+            _one_of("direction", self.direction, ("minimize", "maximize"))
         _one_of("sampler", self.sampler, ("tpe", "random"))
         _one_of("pruner", self.pruner, ("median", "none"))
         _non_negative("pruner_startup_trials", self.pruner_startup_trials)
@@ -647,7 +683,17 @@ class TrainConfig:
     """The LightningModule: ``_target_`` plus its constructor arguments (group ``model``)."""
     data: Any = MISSING
     """The LightningDataModule: ``_target_`` plus its constructor arguments (group ``data``)."""
-    optim: OptimConfig = field(default_factory=OptimConfig)
+    optim: Any = None
+    """The optimizer, a ``_target_`` node with ``_partial_: true`` (group ``optim``). Given to a model whose
+    ``__init__`` takes an ``optimizer`` argument that its own config does not set; for any other model it is
+    unused (and ``optim.*`` overrides are refused rather than silently ignored)."""
+    scheduler: Any = None
+    """The learning-rate scheduler, a ``_partial_`` node or ``null`` (group ``scheduler``); given like
+    ``optim``, to a ``scheduler`` argument. A scheduler that takes ``total_steps`` gets the run's optimizer
+    steps."""
+    callbacks: dict[str, Any] = field(default_factory=dict)
+    """Lightning callbacks by name, each a ``_target_`` node (group ``callbacks``: ``callbacks=[early_stopping,
+    lr_monitor]``), added to the trainer's own."""
     strategy: StrategyConfig = field(default_factory=StrategyConfig)
     precision: PrecisionConfig = field(default_factory=PrecisionConfig)
     trainer: TrainerConfig = field(default_factory=TrainerConfig)
@@ -660,11 +706,18 @@ class TrainConfig:
 def register() -> None:
     """Register the schema with Hydra's ConfigStore (YAML files name these as their first default)."""
     from hydra.core.config_store import ConfigStore
+    from omegaconf import OmegaConf
 
     cs = ConfigStore.instance()
-    cs.store(name="train_schema", node=TrainConfig)
+    root = OmegaConf.structured(TrainConfig)
+    # Typed, yet open to keys the schema does not list: any flag of Lightning's Trainer (checked against its
+    # signature in trainer.config.targets) and any `_target_` node the user adds to a logger.
+    OmegaConf.set_struct(root.trainer, False)
+    cs.store(name="train_schema", node=root)
     cs.store(group="model", name="gpt_schema", node=GPTConfig)
     cs.store(group="model", name="mlp_schema", node=MLPConfig)
     cs.store(group="data", name="text_schema", node=TextDataConfig)
     cs.store(group="data", name="digits_schema", node=DigitsDataConfig)
     cs.store(group="data", name="synthetic_schema", node=SyntheticDataConfig)
+    cs.store(group="optim", name="adamw_schema", node=AdamWConfig)
+    cs.store(group="scheduler", name="warmup_schema", node=WarmupScheduleConfig)

@@ -6,6 +6,7 @@ Everything here runs before any process is spawned and before any file is writte
 
 from __future__ import annotations
 
+import copy
 import dataclasses
 import functools
 import glob
@@ -15,7 +16,7 @@ from typing import Any
 from omegaconf import DictConfig, OmegaConf
 
 from trainer.config.errors import ConfigError
-from trainer.config.schema import TextDataConfig, TrainConfig, resolve_text_files
+from trainer.config.schema import TextDataConfig, TrainConfig, TrainerConfig, resolve_text_files
 
 # What each built-in component learns from, so an impossible pair fails at once instead of in the first step.
 _TASK_OF_TARGET: dict[str, str] = {
@@ -61,14 +62,28 @@ _DATA_OPTIONS = {
 }
 
 
-def to_typed(cfg: DictConfig) -> TrainConfig:
-    """Resolve interpolations and build each slice's dataclass (running its ``__post_init__`` checks)."""
+def to_typed(cfg: DictConfig) -> tuple[TrainConfig, dict[str, Any]]:
+    """Resolve interpolations and build each slice's dataclass (running its ``__post_init__`` checks).
+
+    Also returns the Lightning Trainer flags that ``trainer`` holds beyond its schema (checked against
+    Lightning's ``Trainer``), which the dataclass cannot hold."""
+    from trainer.config.targets import check_trainer_flags
+
+    declared = [f.name for f in dataclasses.fields(TrainerConfig)]
+    extra = [key for key in cfg.trainer if key not in declared]
+    check_trainer_flags(declared, extra)
+    trainer = OmegaConf.to_container(cfg.trainer, resolve=True)
+    flags = {key: trainer[key] for key in extra}
+    if extra:  # built from a copy without them; the config itself (config.yaml) keeps them
+        cfg = copy.deepcopy(cfg)
+        for key in extra:
+            del cfg.trainer[key]
     unknown_keys(cfg, "")
     slices: dict[str, Any] = {}
     for field in dataclasses.fields(TrainConfig):
         node = cfg[field.name]
         slices[field.name] = _build(node, field.name) if isinstance(node, DictConfig) else node
-    return TrainConfig(**slices)
+    return TrainConfig(**slices), flags
 
 
 def _build(node: DictConfig, key: str) -> Any:

@@ -150,3 +150,72 @@ def make_loader(
         # differs between an uninterrupted run and a resumed one.
         generator=torch.Generator().manual_seed(seed),
     )
+
+
+# ---------------------------------------------------------------------------------------------- user loaders
+
+
+def resumable_copy(loader: Any, trainer: Any, seed: int) -> tuple[Any, str | None]:
+    """A user's training DataLoader with this project's sampler in place of its own, so that it resumes
+    mid-epoch exactly like the built-in data: (the loader to use, None), or (the loader unchanged, why not).
+
+    Taken over: a plain ``DataLoader`` over a map-style dataset with a random or sequential sampler (what
+    ``shuffle=True``/``False`` makes); its batch size, workers, collate function and the rest are kept. The
+    shuffled order then comes from ``seed`` and the epoch (the same order on any number of ranks).
+    """
+    from torch.utils.data import BatchSampler, IterableDataset, RandomSampler, SequentialSampler
+
+    if isinstance(loader, ResumableDataLoader):
+        return loader, None
+    if not isinstance(loader, DataLoader):
+        return loader, f"the training data is a {type(loader).__name__}, not a DataLoader"
+    if isinstance(loader.dataset, IterableDataset):
+        return loader, "the training data is an IterableDataset (it has no positions to resume from)"
+    if type(loader) is not DataLoader:
+        return (
+            loader,
+            f"the training DataLoader is a {type(loader).__name__} (a subclass, which is rebuilt only as it is)",
+        )
+    sampler = loader.sampler
+    plain = type(sampler) is SequentialSampler or (
+        type(sampler) is RandomSampler
+        and not sampler.replacement
+        and sampler.num_samples == len(loader.dataset)
+    )
+    if not plain or type(loader.batch_sampler) is not BatchSampler:
+        return loader, f"the training DataLoader has its own sampler ({type(sampler).__name__})"
+    rank, world = rank_and_world(trainer)
+    ours = ResumableSampler(loader.dataset, num_replicas=world, rank=rank,
+                            shuffle=isinstance(sampler, RandomSampler), seed=seed, drop_last=loader.drop_last)  # fmt: skip
+    workers = loader.num_workers
+    copy = ResumableDataLoader(
+        loader.dataset,
+        trainer=trainer,
+        batch_size=loader.batch_size,
+        sampler=ours,
+        num_workers=workers,
+        collate_fn=loader.collate_fn,
+        pin_memory=loader.pin_memory,
+        drop_last=loader.drop_last,
+        timeout=loader.timeout,
+        worker_init_fn=loader.worker_init_fn,
+        multiprocessing_context=loader.multiprocessing_context,
+        generator=torch.Generator().manual_seed(seed),  # workers' base seed; see make_loader
+        prefetch_factor=loader.prefetch_factor if workers else None,
+        persistent_workers=loader.persistent_workers,
+        pin_memory_device=loader.pin_memory_device,
+    )
+    return copy, None
+
+
+def take_over_train_loader(datamodule: Any, seed: int, report: Any) -> None:
+    """Give a user's DataModule's training loader this project's resumable sampler (see ``resumable_copy``),
+    each time Lightning asks for it. ``report(reason)`` hears the outcome (None: exact resume)."""
+    original = datamodule.train_dataloader
+
+    def train_dataloader() -> Any:
+        loader, reason = resumable_copy(original(), datamodule.trainer, seed)
+        report(reason)
+        return loader
+
+    datamodule.train_dataloader = train_dataloader

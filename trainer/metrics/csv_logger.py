@@ -13,6 +13,7 @@ from collections.abc import Mapping
 from pathlib import Path
 from typing import Any
 
+from trainer.metrics.names import module_metrics
 from trainer.namespace import pl
 
 rank_zero_only = pl.utilities.rank_zero_only
@@ -62,11 +63,15 @@ class CSVMetricsLogger(pl.loggers.Logger):
 
     @rank_zero_only
     def log_metrics(self, metrics: Mapping[str, float], step: int | None = None) -> None:
-        if "step" in metrics:
-            step = int(metrics["step"])
-        elif self.current_step is not None:
-            step = self.current_step
-        step = int(step or 0)
+        """What Lightning passes on from the module's ``self.log`` (and from other callbacks)."""
+        step = self.current_step if self.current_step is not None else int(step or 0)
+        self._add(module_metrics(metrics), step)
+
+    @rank_zero_only
+    def log_trainer_metrics(self, row: Mapping[str, float], step: int) -> None:
+        self._add(row, step)
+
+    def _add(self, metrics: Mapping[str, Any], step: int) -> None:
         values = {k: float(v.item() if hasattr(v, "item") else v) for k, v in metrics.items()}
         if self._tail is not None and self._tail[0] == step:  # that row is on disk already: complete it
             _, offset, row = self._tail

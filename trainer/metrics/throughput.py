@@ -19,6 +19,7 @@ import torch
 from trainer.metrics.csv_logger import CSVMetricsLogger
 from trainer.metrics.flops import device_peak_flops
 from trainer.namespace import pl
+from trainer.protocols import CountsFlops, CountsTokens, RunLogger
 
 
 class ThroughputMonitor(pl.Callback):
@@ -70,7 +71,7 @@ class ThroughputMonitor(pl.Callback):
         self._samples += _batch_size(batch)
         step = trainer.global_step
         for logger in trainer.loggers:
-            if hasattr(logger, "current_step"):
+            if isinstance(logger, RunLogger):
                 logger.current_step = step
         if step != self._last_step:  # an optimizer step happened in this batch
             self._last_step = step
@@ -107,17 +108,19 @@ class ThroughputMonitor(pl.Callback):
             row["train/step_time_s"] = elapsed / self._window_steps
             row["train/samples_per_sec"] = samples / elapsed
             row["train/data_wait_frac"] = min(1.0, self._data_wait / elapsed)
-            tokens = _call(pl_module, "tokens_per_sample")
-            if tokens:
-                row["train/tokens_per_sec"] = samples * tokens / elapsed
-            flops = _call(pl_module, "flops_per_sample")
+            if isinstance(pl_module, CountsTokens):
+                row["train/tokens_per_sec"] = samples * pl_module.tokens_per_sample() / elapsed
+            flops = float(pl_module.flops_per_sample()) if isinstance(pl_module, CountsFlops) else None
             if flops and self.peak_flops:
                 row["train/mfu"] = samples * flops / elapsed / (self.peak_flops * world)
         row["train/mem_gb"] = _peak_memory_gb(pl_module.device)
         if trainer.is_global_zero:
             self.history.append(row)
             for logger in trainer.loggers:
-                logger.log_metrics(row, step=step)
+                if isinstance(logger, RunLogger):
+                    logger.log_trainer_metrics(row, step)
+                else:
+                    logger.log_metrics({k: v for k, v in row.items() if k != "step"}, step=step)
         self._reset_window()
         self._window_start = now
 
@@ -141,8 +144,3 @@ def _batch_size(batch: Any) -> int:
     if isinstance(batch, dict) and batch:
         return _batch_size(next(iter(batch.values())))
     return 0
-
-
-def _call(module: Any, name: str) -> float | None:
-    fn = getattr(module, name, None)
-    return float(fn()) if callable(fn) else None

@@ -11,25 +11,18 @@
 
 from __future__ import annotations
 
-import hashlib
 import logging
 import os
-import re
 from pathlib import Path
 from typing import Any
 
 from trainer.config.schema import WandbLoggerConfig
+from trainer.metrics.names import module_metrics
 from trainer.namespace import fabric_module, pl
 from trainer.secrets import flatten, redact, redact_override
 
 log = logging.getLogger("trainer")
 rank_zero_only = pl.utilities.rank_zero_only
-
-
-def wandb_run_id(run_name: str, run_dir: Path) -> str:
-    """Stable for a run directory: the run's name (W&B's allowed characters) plus a hash of its path."""
-    digest = hashlib.sha256(str(Path(run_dir).resolve()).encode()).hexdigest()[:8]
-    return f"{re.sub(r'[^A-Za-z0-9_-]', '-', run_name)[:48]}-{digest}"
 
 
 def resolve_mode(cfg: WandbLoggerConfig) -> str:
@@ -66,16 +59,29 @@ class SafeWandbLogger(pl.loggers.WandbLogger):
         convert = fabric_module("utilities.logger")._convert_params
         self._safely(super().log_hyperparams, redact(convert(params)))
 
+    # Every value is keyed by optimizer step, as metrics.csv does (Lightning's own counter is one behind for
+    # validation); W&B plots against trainer/global_step, which continues across resumes.
     @rank_zero_only
     def log_metrics(self, metrics: Any, step: int | None = None) -> None:
-        # Key every value by optimizer step, as metrics.csv does (Lightning's own counter is one behind for
-        # validation); W&B plots against trainer/global_step, which continues across resumes.
-        metrics = dict(metrics)
-        if "step" in metrics:
-            step = int(metrics.pop("step"))
-        elif self.current_step is not None:
-            step = self.current_step
-        self._safely(super().log_metrics, metrics, step)
+        """What Lightning passes on from the module's ``self.log`` (and from other callbacks)."""
+        step = self.current_step if self.current_step is not None else step
+        self._safely(super().log_metrics, module_metrics(metrics), step)
+
+    @rank_zero_only
+    def log_trainer_metrics(self, row: Any, step: int) -> None:
+        self._safely(super().log_metrics, {k: v for k, v in row.items() if k != "step"}, step)
+
+    @rank_zero_only
+    def flush_all(self) -> None:
+        pass  # W&B writes its own files as it goes
+
+    @property
+    def run_id(self) -> str:
+        return self._id
+
+    @property
+    def mode(self) -> str | None:
+        return self._wandb_init.get("mode")
 
     @rank_zero_only
     def finalize(self, status: str) -> None:
@@ -123,7 +129,9 @@ class SafeWandbLogger(pl.loggers.WandbLogger):
             self._disable(err)
 
 
-def build_wandb_logger(cfg: WandbLoggerConfig, run_name: str, run_dir: Path) -> SafeWandbLogger | None:
+def build_wandb_logger(
+    cfg: WandbLoggerConfig, run_name: str, run_dir: Path, run_id: str
+) -> SafeWandbLogger | None:
     try:
         import wandb
     except ImportError:
@@ -136,7 +144,7 @@ def build_wandb_logger(cfg: WandbLoggerConfig, run_name: str, run_dir: Path) -> 
         # redacted through log_run_info instead).
         settings=wandb.Settings(x_disable_meta=True),
         name=run_name,
-        id=wandb_run_id(run_name, run_dir),
+        id=run_id,
         project=cfg.project,
         entity=cfg.entity,
         group=cfg.group,

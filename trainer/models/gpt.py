@@ -7,7 +7,7 @@ kernels where the device has them), GELU MLP, optional tied input/output embeddi
 from __future__ import annotations
 
 import math
-from collections.abc import Mapping
+from collections.abc import Callable
 from typing import Any
 
 import torch
@@ -119,11 +119,13 @@ class GPTModule(pl.LightningModule):
         bias: bool = False,
         tie_weights: bool = True,
         compile: bool = False,
-        optim: Mapping[str, Any] | None = None,
+        optimizer: Callable[..., torch.optim.Optimizer] | None = None,
+        scheduler: Callable[..., Any] | None = None,
     ) -> None:
         super().__init__()
-        self.save_hyperparameters()
-        self.optim = dict(optim or {})
+        # The optimizer and schedule are training settings (config.yaml records them), not the network's.
+        self.save_hyperparameters(ignore=["optimizer", "scheduler"])
+        self.optimizer, self.scheduler = optimizer, scheduler
         self.net = GPT(n_layer, n_head, n_embd, block_size, vocab_size, dropout, bias, tie_weights)
         if compile:  # in place: parameter names (and so checkpoints) stay those of the eager module
             self.net.compile()
@@ -145,7 +147,9 @@ class GPTModule(pl.LightningModule):
         self.log("val/loss", self._loss(batch), prog_bar=True, sync_dist=True)
 
     def configure_optimizers(self) -> dict:
-        return optim_lib.configure(self, self.optim)
+        if self.optimizer is None:
+            raise ValueError("GPTModule needs an optimizer to train (trainer passes the `optim` config)")
+        return optim_lib.configure(self, self.optimizer, self.scheduler)
 
     # Read by the throughput monitor for tokens/s and MFU.
     def tokens_per_sample(self) -> int:

@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from collections.abc import Mapping, Sequence
+from collections.abc import Callable, Sequence
 from typing import Any
 
 import torch
@@ -22,13 +22,14 @@ class MLPModule(pl.LightningModule):
         hidden: Sequence[int] = (128, 128),
         num_classes: int = 10,
         dropout: float = 0.1,
-        optim: Mapping[str, Any] | None = None,
+        optimizer: Callable[..., torch.optim.Optimizer] | None = None,
+        scheduler: Callable[..., Any] | None = None,
     ) -> None:
         super().__init__()
         hidden = [int(h) for h in hidden]
         self.save_hyperparameters({"in_features": in_features, "hidden": hidden, "num_classes": num_classes,
-                                   "dropout": dropout, "optim": dict(optim or {})})  # fmt: skip
-        self.optim = dict(optim or {})
+                                   "dropout": dropout})  # fmt: skip
+        self.optimizer, self.scheduler = optimizer, scheduler
         layers: list[nn.Module] = []
         width = in_features
         for h in hidden:
@@ -53,7 +54,9 @@ class MLPModule(pl.LightningModule):
         self.log("val/acc", (logits.argmax(-1) == y).float().mean(), prog_bar=True, sync_dist=True)
 
     def configure_optimizers(self) -> dict:
-        return optim_lib.configure(self, self.optim)
+        if self.optimizer is None:
+            raise ValueError("MLPModule needs an optimizer to train (trainer passes the `optim` config)")
+        return optim_lib.configure(self, self.optimizer, self.scheduler)
 
     def flops_per_sample(self) -> float:
         """6 FLOPs per weight per sample (forward + backward multiply-adds); biases and activations ignored."""

@@ -35,6 +35,7 @@ from trainer.checkpoint.manifest import (
     write_manifest,
 )
 from trainer.namespace import fabric_module, pl, pl_module
+from trainer.protocols import ShardingUnits
 
 _materialize_distributed_module = fabric_module("utilities.init")._materialize_distributed_module
 _optimizers_to_device = fabric_module("utilities.optimizer")._optimizers_to_device
@@ -45,9 +46,8 @@ log = logging.getLogger("trainer")
 
 def sharding_units(module: nn.Module) -> list[nn.Module]:
     """The submodules that get their own ``fully_shard`` call (their parameters are gathered together)."""
-    own = getattr(module, "fsdp_units", None)
-    if callable(own):
-        return list(own())
+    if isinstance(module, ShardingUnits):
+        return list(module.fsdp_units())
     units: list[nn.Module] = []
     for child in module.modules():
         if isinstance(child, nn.ModuleList) and not any(child is u or _contains(u, child) for u in units):

@@ -21,7 +21,7 @@ import time
 from pathlib import Path
 
 from trainer import exits, rundir
-from trainer.config.compose import Composed, compose, quote_numeric_choices, session
+from trainer.config.compose import Composed, compose, normalize, session
 from trainer.config.errors import ConfigError, report
 from trainer.files import read_json
 from trainer.launch import slurm
@@ -311,7 +311,7 @@ def main(args: list[str]) -> int:
     with session():
         try:
             config_dir, overrides = parse_argv(args)
-            overrides = quote_numeric_choices(overrides)
+            overrides = normalize(overrides)
             plan = plan_sweep(overrides, config_dir, "local")
             runner = Runner(plan, config_dir)
             runner.check_slots()

@@ -14,6 +14,7 @@ import os
 import re
 from pathlib import Path
 
+from trainer import rundir
 from trainer.config import schema
 from trainer.config.compose import Composed, compose
 from trainer.config.errors import ConfigError
@@ -21,7 +22,7 @@ from trainer.launch.local import quote
 from trainer.sweep.space import Space, corner_trials, grid, parse, sample
 
 
-def sweep_name(experiment: str | None, overrides: list[str]) -> str:
+def sweep_name(label: str, overrides: list[str]) -> str:
     """Stable for the same sweep command, so running or submitting it again finds the same sweep directory.
     Parallelism, the cluster and Hydra's own settings do not change which trials a sweep has."""
 
@@ -30,7 +31,7 @@ def sweep_name(experiment: str | None, overrides: list[str]) -> str:
         return key != "sweep.parallel" and key.split(".")[0] not in ("cluster", "hydra")
 
     digest = hashlib.sha256(json.dumps([o for o in overrides if counts(o)]).encode()).hexdigest()[:8]
-    return f"sweep-{experiment or 'run'}-{digest}"
+    return f"sweep-{label}-{digest}"
 
 
 def pinned_args(c: Composed, config_dir: str | None, extra: list[str]) -> list[str]:
@@ -89,7 +90,7 @@ def plan_sweep(overrides: list[str], config_dir: str | None, where: str) -> Swee
         raise ConfigError(
             "run.dir", first.resolved["run"]["dir"], "unset in a sweep (each trial gets its own)"
         )
-    name = settings.name or sweep_name(first.experiment, overrides)
+    name = settings.name or sweep_name(rundir.label(first.resolved, first.experiment), overrides)
     sweep_dir = Path(os.path.abspath(Path(first.resolved["run"]["root"]) / name))
     if settings.kind == "grid":
         trials = grid(space)

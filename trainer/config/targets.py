@@ -1,0 +1,229 @@
+"""The ``_target_`` nodes of a config: the user's classes, checked before anything starts.
+
+- Every untyped ``_target_`` node (the user's model, data, callbacks, loggers, optimizer, and anything nested
+  in them, e.g. ``model.net``) is imported and its keys are bound to its signature: a misspelled argument is
+  one line naming the key and the arguments that exist. Typed nodes (the built-in models, data, AdamW and the
+  warmup schedule) are checked by their schema instead, without importing anything.
+- The Lightning namespace of the run comes from the user's classes (``trainer.namespace``); two classes of
+  different namespaces in one run are refused, naming both. Lightning's own classes (``EarlyStopping``, a
+  logger) may be spelled in either namespace: they are translated into the run's.
+- Lightning ``Trainer`` flags that the schema does not list are checked against ``Trainer.__init__``, read
+  from Lightning's source without importing it (``trainer submit`` must not import Lightning).
+- The optimizer and scheduler (``optim``, ``scheduler``) go to a model that takes them; an ``optim.*`` or
+  ``scheduler.*`` override for a model that cannot receive them is refused instead of silently ignored.
+
+Nothing here imports this project's own Lightning code: that would fix the namespace before it is known.
+"""
+
+from __future__ import annotations
+
+import ast
+import dataclasses
+import functools
+import importlib.util
+import inspect
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any
+
+from omegaconf import DictConfig, ListConfig, OmegaConf
+
+from trainer import namespace
+from trainer.config.errors import ConfigError
+
+HYDRA_KEYS = ("_target_", "_partial_", "_recursive_", "_convert_", "_args_")
+# Slices that hold the user's `_target_` nodes, in the order their classes decide the namespace.
+SLICES = ("model", "data", "callbacks", "logger.extra", "optim", "scheduler")
+# Trainer flags this project sets itself, and where the user sets them instead.
+OWNED_TRAINER_FLAGS = {
+    "strategy": "strategy=...",
+    "precision": "precision=...",
+    "callbacks": "the callbacks group (callbacks=...)",
+    "logger": "the logger group (logger=...)",
+    "plugins": "the strategy and checkpoint settings",
+    "enable_checkpointing": "checkpoint.*",
+    "default_root_dir": "run.dir",
+}
+
+
+def nodes(cfg: DictConfig) -> Iterator[tuple[str, DictConfig]]:
+    """Every node with a ``_target_`` under the user-facing slices, as (dotted key, node), outer first."""
+
+    def walk(node: Any, key: str) -> Iterator[tuple[str, DictConfig]]:
+        if isinstance(node, DictConfig):
+            if "_target_" in node:
+                yield key, node
+            for child in node:
+                if child not in HYDRA_KEYS:
+                    yield from walk(node._get_node(child), f"{key}.{child}")
+        elif isinstance(node, ListConfig):
+            for i in range(len(node)):
+                yield from walk(node._get_node(i), f"{key}[{i}]")
+
+    for key in SLICES:
+        node = OmegaConf.select(cfg, key, throw_on_resolution_failure=False)
+        if node is not None:
+            yield from walk(node, key)
+
+
+def is_typed(node: DictConfig) -> bool:
+    return dataclasses.is_dataclass(OmegaConf.get_type(node))
+
+
+def is_ours(target: str) -> bool:
+    return target == "trainer" or target.startswith("trainer.")
+
+
+def locate(key: str, target: str) -> Any:
+    from hydra.utils import get_object
+
+    try:
+        return get_object(target)
+    except Exception as err:  # ImportError, AttributeError, or the user's module failing as it imports
+        cause = err.__cause__ or err
+        raise ConfigError(
+            f"{key}._target_", target, f"an importable class or function ({type(cause).__name__}: {cause})"
+        ) from None
+
+
+def translate_lightning_targets(cfg: DictConfig, run_namespace: str) -> None:
+    """Spell every ``_target_`` into Lightning's own code in the run's namespace (in place)."""
+    for _, node in nodes(cfg):
+        target = node._target_
+        if isinstance(target, str):
+            node._target_ = namespace.translate(target, run_namespace)
+
+
+def lightning_namespace(cfg: DictConfig) -> str | None:
+    """The namespace of the user's classes (None: only built-in or Lightning's own classes). Refuses a mix."""
+    first: tuple[str, str, str] | None = None
+    for key, node in nodes(cfg):
+        target = node.get("_target_")
+        if not isinstance(target, str) or is_ours(target) or namespace.of_module_name(target):
+            continue  # ours follow the run; Lightning's own classes are translated into it
+        found = namespace.of_class(locate(key, target))
+        if found is None:
+            continue
+        if first is None:
+            first = (key, target, found)
+        elif found != first[2]:
+            raise ConfigError(
+                f"{key}._target_", target,
+                f"a class of the same Lightning as {first[0]}._target_={first[1]} ({first[2]}); this one is a "
+                f"{found} class, and the two packages' classes cannot be mixed in one run (use one in every import)",
+            )  # fmt: skip
+    return first[2] if first else None
+
+
+def check_signatures(cfg: DictConfig) -> None:
+    """Bind every untyped node's keys to its target's signature (typed nodes: their schema did)."""
+    for key, node in nodes(cfg):
+        target = node.get("_target_")
+        if is_typed(node) or not isinstance(target, str) or is_ours(target):
+            continue
+        obj = locate(key, target)
+        try:
+            params = inspect.signature(obj).parameters
+        except (TypeError, ValueError):
+            continue  # a builtin without a readable signature: nothing to check it against
+        if any(p.kind is inspect.Parameter.VAR_KEYWORD for p in params.values()):
+            continue
+        names = [n for n, p in params.items() if p.kind is not inspect.Parameter.VAR_POSITIONAL]
+        for arg in node:
+            if arg not in HYDRA_KEYS and arg not in names:
+                shown = ", ".join(names) or "none"
+                raise ConfigError(f"{key}.{arg}", None, f"an argument of {target}: {shown}", is_key=True)
+
+
+def takes(cfg: DictConfig, key: str, argument: str) -> bool | None:
+    """Whether the target at ``key`` accepts ``argument`` (True for **kwargs); None if it cannot be known
+    without importing this project's own Lightning code (a built-in target: see ``receives``)."""
+    node = OmegaConf.select(cfg, key)
+    target = node.get("_target_") if isinstance(node, DictConfig) else None
+    if not isinstance(target, str) or is_ours(target):
+        return None
+    try:
+        params = inspect.signature(locate(key, target)).parameters
+    except (TypeError, ValueError):
+        return None
+    return argument in params or any(p.kind is inspect.Parameter.VAR_KEYWORD for p in params.values())
+
+
+def model_receives(cfg: DictConfig, argument: str) -> tuple[bool, str]:
+    """Whether the model gets the run's ``optim`` (argument ``optimizer``) or ``scheduler``, and if not why."""
+    model = cfg.model
+    if argument in model:
+        return False, f"model.{argument} is set in the model's own config (set model.{argument}.<key> there)"
+    if is_typed(model):  # a built-in model: every one takes both (tests/test_units.py holds them to it)
+        return True, ""
+    accepted = takes(cfg, "model", argument)
+    if accepted is False:
+        name = str(model._target_).rsplit(".", 1)[-1]
+        return (
+            False,
+            f"{name} takes no `{argument}` argument: it builds its own (set its own model.* arguments)",
+        )
+    return True, ""
+
+
+def wire_optimizer(cfg: DictConfig, overrides: list[str]) -> dict[str, bool]:
+    """Which of ``optimizer``/``scheduler`` the model gets from the run's config. An unused slice becomes
+    null (config.yaml shows it was not used, and it does not change the run's identity); an override of an
+    unused slice is refused."""
+    given: dict[str, bool] = {}
+    for slice_, argument in (("optim", "optimizer"), ("scheduler", "scheduler")):
+        receives, why = model_receives(cfg, argument)
+        given[argument] = receives and cfg.get(slice_) is not None
+        if receives:
+            continue
+        for override in overrides:
+            key, _, value = override.partition("=")
+            key = key.lstrip("+~")
+            if key == slice_ or key.startswith(slice_ + "."):
+                raise ConfigError(key, value, f"a setting the model receives: {why}")
+        cfg[slice_] = None
+    return given
+
+
+@functools.lru_cache(maxsize=1)
+def trainer_flags() -> tuple[str, ...]:
+    """The keyword arguments of Lightning's ``Trainer.__init__``, read from its source (no import)."""
+    source: Path | None = None
+    for package, relative in (("pytorch_lightning", ("trainer", "trainer.py")),
+                              ("lightning", ("pytorch", "trainer", "trainer.py"))):  # fmt: skip
+        spec = importlib.util.find_spec(package)
+        if spec is not None and spec.origin:
+            candidate = Path(spec.origin).parent.joinpath(*relative)
+            if candidate.is_file():
+                source = candidate
+                break
+    if source is None:
+        return ()
+    tree = ast.parse(source.read_text())
+    for node in ast.walk(tree):
+        if isinstance(node, ast.ClassDef) and node.name == "Trainer":
+            for item in node.body:
+                if isinstance(item, ast.FunctionDef) and item.name == "__init__":
+                    args = item.args
+                    return tuple(a.arg for a in (*args.args, *args.kwonlyargs) if a.arg != "self")
+    return ()
+
+
+def check_trainer_flags(declared: list[str], extra: list[str]) -> None:
+    """Keys of ``trainer`` beyond the schema's: Lightning Trainer flags this project does not set itself."""
+    flags = trainer_flags()
+    for key in extra:
+        if key in OWNED_TRAINER_FLAGS:
+            raise ConfigError(
+                f"trainer.{key}",
+                None,
+                f"a key this project sets: use {OWNED_TRAINER_FLAGS[key]}",
+                is_key=True,
+            )
+        if flags and key not in flags:
+            others = [f for f in flags if f not in declared and f not in OWNED_TRAINER_FLAGS]
+            raise ConfigError(
+                f"trainer.{key}", None,
+                f"a key of trainer: {', '.join(declared)}; or a Lightning Trainer flag: {', '.join(others)}",
+                is_key=True,
+            )  # fmt: skip
