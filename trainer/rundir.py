@@ -311,7 +311,10 @@ def finish(paths: RunPaths, status: str, summary: dict | None = None) -> None:
 
 
 def last_metrics(path: Path, keys: tuple[str, ...] = ("train/loss", "val/loss")) -> dict:
-    """The newest step and the newest value of each of ``keys`` in a run's metrics.csv ({} if unreadable)."""
+    """The newest step and the newest value of each of ``keys`` in a run's metrics.csv ({} if unreadable).
+
+    A metric a module logs both per step and per epoch is written by Lightning as ``<key>_step`` and
+    ``<key>_epoch``; ``<key>`` (the name in the module's code) then means the ``_epoch`` column."""
     import csv
 
     out: dict = {}
@@ -321,8 +324,9 @@ def last_metrics(path: Path, keys: tuple[str, ...] = ("train/loss", "val/loss"))
                 if row.get("step"):
                     out["step"] = int(float(row["step"]))
                 for key in keys:
-                    if row.get(key):
-                        out[key] = float(row[key])
+                    value = row.get(key) or row.get(f"{key}_epoch")
+                    if value:
+                        out[key] = float(value)
     except (OSError, ValueError, csv.Error):
         pass
     return out

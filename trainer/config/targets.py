@@ -209,16 +209,13 @@ def trainer_flags() -> tuple[str, ...]:
     return ()
 
 
-def check_trainer_flags(declared: list[str], extra: list[str]) -> None:
+def check_trainer_flags(declared: list[str], extra: dict[str, Any]) -> None:
     """Keys of ``trainer`` beyond the schema's: Lightning Trainer flags this project does not set itself."""
     flags = trainer_flags()
-    for key in extra:
+    for key, value in extra.items():
         if key in OWNED_TRAINER_FLAGS:
             raise ConfigError(
-                f"trainer.{key}",
-                None,
-                f"a key this project sets: use {OWNED_TRAINER_FLAGS[key]}",
-                is_key=True,
+                f"trainer.{key}", value, f"no value here (trainer sets it: use {OWNED_TRAINER_FLAGS[key]})"
             )
         if flags and key not in flags:
             others = [f for f in flags if f not in declared and f not in OWNED_TRAINER_FLAGS]

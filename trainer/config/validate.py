@@ -71,9 +71,9 @@ def to_typed(cfg: DictConfig) -> tuple[TrainConfig, dict[str, Any]]:
 
     declared = [f.name for f in dataclasses.fields(TrainerConfig)]
     extra = [key for key in cfg.trainer if key not in declared]
-    check_trainer_flags(declared, extra)
     trainer = OmegaConf.to_container(cfg.trainer, resolve=True)
     flags = {key: trainer[key] for key in extra}
+    check_trainer_flags(declared, flags)
     if extra:  # built from a copy without them; the config itself (config.yaml) keeps them
         cfg = copy.deepcopy(cfg)
         for key in extra:

@@ -135,7 +135,10 @@ class Runner:
         state = read_json(run_dir / rundir.STATE_FILE) or {}
         metric = self.plan.settings.metric
         last = rundir.last_metrics(run_dir / rundir.METRICS_FILE, (metric,))
-        fields = {"returncode": code, "steps": last.get("step"), "objective": last.get(metric),
+        # The run's own closing figure where it has one (the value its checkpoints were ranked by), else the
+        # newest value in metrics.csv (a run that failed or was stopped writes no summary).
+        objective = ((state.get("summary") or {}).get("validation") or {}).get(metric, last.get(metric))
+        fields = {"returncode": code, "steps": last.get("step"), "objective": objective,
                   "seconds": round(time.time() - started, 2), "log": str(log)}  # fmt: skip
         if code == 0:
             fields["state"] = "pruned" if state.get("status") == "pruned" else "finished"
