@@ -158,8 +158,8 @@ def test_resume_two_ranks_on_one(tmp_path, text_corpus):
     """Saved by 2 ranks (batch 8 each), continued by 1 rank (batch 16): the same global batches, so the
     result is the uninterrupted 2-rank run's within the DDP tolerance; the shards are resharded on load."""
     env = clean_env(tmp_path, OMP_NUM_THREADS="1")
-    args = [*COMMON, f"data.path={text_corpus}", "strategy=fsdp", "optim.schedule=constant",
-            "optim.warmup_steps=0", "trainer.val_check_interval=4"]  # fmt: skip
+    args = [*COMMON, f"data.path={text_corpus}", "strategy=fsdp", "scheduler.schedule=constant",
+            "scheduler.warmup_steps=0", "trainer.val_check_interval=4"]  # fmt: skip
     ref = reference_run(tmp_path, env, args)
 
     def train(*extra: str) -> str:

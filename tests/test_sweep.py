@@ -192,7 +192,7 @@ def test_a_trial_worse_than_the_median_is_pruned_from_inside(tmp_path, env):
 @pytest.mark.parametrize(
     ("args", "expected"),
     [
-        (["optim.lr=0.01,-1"], "trial 1 (optim.lr=-1): optim.lr=-1.0: expected a number > 0"),
+        (["optim.lr=0.01,-1"], "trial 1 (optim.lr=-1): optim.lr=-1.0: expected a finite number > 0"),
         (["optim.lr=interval(0.001,0.1)"], "expected a list or range() in a grid sweep"),
         (["sweep=random", "sweep.num_trials=null", "optim.lr=0.1,0.2"], "sweep.num_trials=null: expected a number"),
         (["sweep=optuna", "optim.lr=tag(log,interval(0,1))"], "expected a log interval with a low end > 0"),

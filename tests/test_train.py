@@ -108,7 +108,7 @@ GOLDEN_ATOL = 2e-3
 
 def test_golden_loss_curve(cli, text_corpus):
     args = ["train", f"data.path={text_corpus}", *TINY_GPT, "trainer.max_steps=30", "trainer.log_every_n_steps=1",
-            "trainer.val_check_interval=1000", "trainer.accelerator=cpu", "seed=7", "optim.warmup_steps=5"]  # fmt: skip
+            "trainer.val_check_interval=1000", "trainer.accelerator=cpu", "seed=7", "scheduler.warmup_steps=5"]  # fmt: skip
     result = cli(*args, env={"OMP_NUM_THREADS": "1"})
     assert result.returncode == 0, result.output
     (run_dir,) = result.run_dirs()
@@ -125,7 +125,7 @@ def test_compiled_model_follows_the_golden_curve(cli, text_corpus):
     """model.compile=true (Inductor's C++ kernels on CPU) trains the same model: the golden curve within its
     tolerance, and a checkpoint with the eager module's parameter names (so resume and export do not care)."""
     args = ["train", f"data.path={text_corpus}", *TINY_GPT, "trainer.max_steps=30", "trainer.log_every_n_steps=1",
-            "trainer.val_check_interval=1000", "trainer.accelerator=cpu", "seed=7", "optim.warmup_steps=5",
+            "trainer.val_check_interval=1000", "trainer.accelerator=cpu", "seed=7", "scheduler.warmup_steps=5",
             "model.compile=true"]  # fmt: skip
     result = cli(*args, env={"OMP_NUM_THREADS": "1"})
     assert result.returncode == 0, result.output

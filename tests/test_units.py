@@ -138,8 +138,8 @@ def test_csv_rows_merge_per_step_and_resume_truncates(tmp_path):
     log = CSVMetricsLogger(path)
     for step in (1, 2, 3):
         log.current_step = step
-        log.log_metrics({"step": step, "train/loss": 10.0 - step})
-        log.log_metrics({"val/loss": 20.0 - step, "epoch": 0})  # Lightning's call: no step key
+        log.log_trainer_metrics({"step": step, "train/loss": 10.0 - step}, step)
+        log.log_metrics({"val/loss": 20.0 - step, "epoch": 0})  # Lightning's call: the module's metrics
         log.save()
     log.finalize("success")
     rows = list(csv.DictReader(path.open()))
@@ -149,12 +149,12 @@ def test_csv_rows_merge_per_step_and_resume_truncates(tmp_path):
 
     log = CSVMetricsLogger(path)
     log.resume_at(3)
-    log.log_metrics({"step": 4, "train/loss": 5.0})
+    log.log_trainer_metrics({"step": 4, "train/loss": 5.0}, 4)
     log.flush_all()  # before a checkpoint at step 4: the row must be on disk
     assert list(csv.DictReader(path.open()))[-1]["train/loss"] == "5.0"
     log.current_step = 4  # what the throughput monitor sets at each optimizer step
     log.log_metrics({"val/loss": 4.5}, step=3)  # validation after the checkpoint, same optimizer step
-    log.log_metrics({"step": 4, "checkpoint/mb": 1.5})  # a key of its own: the file widens
+    log.log_trainer_metrics({"step": 4, "checkpoint/mb": 1.5}, 4)  # a key of its own: the file widens
     log.finalize("success")
     rows = list(csv.DictReader(path.open()))
     assert [r["step"] for r in rows] == ["1", "2", "3", "4"]
@@ -162,11 +162,14 @@ def test_csv_rows_merge_per_step_and_resume_truncates(tmp_path):
 
     resumed = CSVMetricsLogger(path)
     resumed.resume_at(2)
-    resumed.log_metrics({"step": 3, "train/loss": 1.5, "val/acc": 0.5})  # a key of the module's own
+    resumed.log_trainer_metrics({"step": 3, "train/loss": 1.5}, 3)
+    resumed.current_step = 3
+    resumed.log_metrics({"val/acc": 0.5, "train/loss": 0.25})  # the module's own keys, one named like ours
     resumed.finalize("success")
     rows = list(csv.DictReader(path.open()))
     assert [r["step"] for r in rows] == ["1", "2", "3"]
     assert rows[2]["train/loss"] == "1.5" and rows[2]["val/acc"] == "0.5" and rows[0]["val/acc"] == ""
+    assert rows[2]["module/train/loss"] == "0.25", "never merged into the trainer's own column"
 
 
 def test_lr_schedule_warms_up_then_decays_to_the_floor():

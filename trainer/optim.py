@@ -3,6 +3,7 @@ them (``_partial_`` nodes: ``optim`` and ``scheduler``), plus the built-in warmu
 
 from __future__ import annotations
 
+import functools
 import inspect
 import math
 from collections.abc import Callable
@@ -33,7 +34,10 @@ def lr_factor(step: int, total_steps: int, warmup_steps: int, schedule: str, min
 
 class WarmupSchedule(torch.optim.lr_scheduler.LambdaLR):
     """Linear warmup over ``warmup_steps``, then cosine decay to ``min_lr_ratio`` of the peak at
-    ``total_steps`` (or a constant rate), as a multiplier of each group's learning rate."""
+    ``total_steps`` (or a constant rate), as a multiplier of each group's learning rate.
+
+    The shape is not part of the scheduler's saved state (only the step is): it comes from the config each
+    time, so a finished run continued with a larger ``max_steps`` decays over its new length."""
 
     def __init__(
         self,
@@ -43,12 +47,9 @@ class WarmupSchedule(torch.optim.lr_scheduler.LambdaLR):
         schedule: str = "cosine",
         min_lr_ratio: float = 0.1,
     ) -> None:
-        self.total_steps, self.warmup_steps = int(total_steps), int(warmup_steps)
-        self.schedule, self.min_lr_ratio = str(schedule), float(min_lr_ratio)
-        super().__init__(optimizer, self.factor)
-
-    def factor(self, step: int) -> float:
-        return lr_factor(step, self.total_steps, self.warmup_steps, self.schedule, self.min_lr_ratio)
+        factor = functools.partial(lr_factor, total_steps=int(total_steps), warmup_steps=int(warmup_steps),
+                                   schedule=str(schedule), min_lr_ratio=float(min_lr_ratio))  # fmt: skip
+        super().__init__(optimizer, factor)
 
 
 def takes(factory: Callable[..., Any], name: str) -> bool:

@@ -14,9 +14,8 @@ class FaultyMLP(MLPModule):
     """The built-in MLP, plus: sleep in each step; raise on ``fail_rank`` at ``fail_step``; return NaN from ``nan_step`` on."""
 
     def __init__(self, fail_step: int | None = None, fail_rank: int = 0, nan_step: int | None = None,
-                 nan_rank: int = 0, step_sleep_s: float = 0.0, optim: dict | None = None,
-                 **kwargs) -> None:  # fmt: skip
-        super().__init__(optim=optim, **kwargs)
+                 nan_rank: int = 0, step_sleep_s: float = 0.0, **kwargs) -> None:  # fmt: skip
+        super().__init__(**kwargs)
         self.step_sleep_s = step_sleep_s  # slows steps down so a test can signal a run mid-way
         self.fail_step, self.fail_rank, self.nan_step, self.nan_rank = (
             fail_step,

@@ -99,8 +99,15 @@ def lightning_namespace(cfg: DictConfig) -> str | None:
     first: tuple[str, str, str] | None = None
     for key, node in nodes(cfg):
         target = node.get("_target_")
-        if not isinstance(target, str) or is_ours(target) or namespace.of_module_name(target):
+        if (
+            not isinstance(target, str)
+            or is_typed(node)
+            or is_ours(target)
+            or namespace.of_module_name(target)
+        ):
             continue  # ours follow the run; Lightning's own classes are translated into it
+        if target.split(".", 1)[0] == "torch":
+            continue  # torch's own classes (optimizers, schedulers, layers) are no Lightning's
         found = namespace.of_class(locate(key, target))
         if found is None:
             continue

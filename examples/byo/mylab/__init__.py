@@ -1,6 +1,10 @@
-"""A user's own model and data, trained by `trainer` with no edit to it (see README: Bring your own)."""
+"""A user's own model and data, trained by `trainer` with no edit to it (see README: Bring your own).
 
-import pytorch_lightning as pl  # the same Lightning namespace as trainer uses
+Written against `lightning.pytorch`; `import pytorch_lightning as pl` works the same (trainer uses whichever
+namespace your classes come from, as long as all of them come from the same one).
+"""
+
+import lightning.pytorch as pl
 import torch
 import torch.nn.functional as F
 from torch.utils.data import DataLoader, TensorDataset
@@ -9,10 +13,12 @@ from torch.utils.data import DataLoader, TensorDataset
 class WaveRegressor(pl.LightningModule):
     """Predicts sin(3x) from x with a small MLP."""
 
-    def __init__(self, hidden: int = 32, optim: dict | None = None) -> None:
+    def __init__(self, hidden: int = 32, optimizer=None) -> None:
         super().__init__()
-        self.save_hyperparameters()
-        self.lr = (optim or {}).get("lr", 1e-2)  # trainer passes its `optim` slice when __init__ takes one
+        self.save_hyperparameters(ignore=["optimizer"])
+        # `optimizer`: a partial (the run's `optim` config) that takes the parameters; trainer passes it
+        # because __init__ has an argument of that name.
+        self.optimizer = optimizer
         self.net = torch.nn.Sequential(
             torch.nn.Linear(1, hidden), torch.nn.Tanh(), torch.nn.Linear(hidden, 1)
         )
@@ -27,7 +33,7 @@ class WaveRegressor(pl.LightningModule):
         self.log("val/mae", (self.net(x) - y).abs().mean(), sync_dist=True)
 
     def configure_optimizers(self):
-        return torch.optim.Adam(self.parameters(), lr=self.lr)
+        return self.optimizer(self.parameters())
 
 
 class Waves(pl.LightningDataModule):
