@@ -53,6 +53,16 @@ def summary(cwd: Path, name: str) -> dict:
     return json.loads((cwd / "runs" / name / "run.json").read_text())["summary"]
 
 
+def plain_lightning(cwd: Path, steps: int) -> dict:
+    """Run scripts/bench_plain_lightning.py; its figures plus its process wall time."""
+    started = time.perf_counter()
+    proc = subprocess.run([sys.executable, str(REPO / "scripts" / "bench_plain_lightning.py"), str(steps)],
+                          cwd=cwd, capture_output=True, text=True)  # fmt: skip
+    if proc.returncode != 0:
+        raise SystemExit(f"the plain Lightning script failed:\n{proc.stdout[-2000:]}{proc.stderr[-2000:]}")
+    return dict(json.loads(proc.stdout.strip().splitlines()[-1]), wall_s=time.perf_counter() - started)
+
+
 def spread(num: list[float], den: list[float], scale: float = 1.0) -> str:
     ratios = [n / d / scale for n, d in zip(num, den, strict=True)]
     return f"{min(ratios):.3f}-{max(ratios):.3f}" if len(ratios) > 1 else f"{ratios[0]:.3f}"
@@ -64,19 +74,17 @@ def hand_loop(steps: int, threads: int | None = None) -> float:
 
     from trainer.config.compose import compose, session
     from trainer.fit import build_data, build_model
-    from trainer.optim import build_optimizer, lr_factor
+    from trainer.optim import param_groups
 
     if threads:
         torch.set_num_threads(threads)
     with session():
         c = compose([*BASE, f"trainer.max_steps={steps}"], where="local")
     torch.manual_seed(c.conf.seed)
-    model, data = build_model(c.conf.model, c.conf.optim), build_data(c.conf.data)
+    model, data = build_model(c), build_data(c)
     data.setup("fit")
-    optim = dict(c.resolved["optim"])
-    optimizer = build_optimizer(model, optim)
-    scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda s: lr_factor(
-        s, steps, int(optim["warmup_steps"]), str(optim["schedule"]), float(optim["min_lr_ratio"])))  # fmt: skip
+    optimizer = model.optimizer(param_groups(model))
+    scheduler = model.scheduler(optimizer, total_steps=steps)
     clip = c.conf.trainer.gradient_clip_val
     model.train()
     warmup, done, started = 10, 0, 0.0
@@ -124,6 +132,11 @@ def main() -> int:
         ours.append(runs[-1]["tokens_per_sec"])
         hand.append(hand_loop(args.steps))
     main_run = max(runs, key=lambda r: r["tokens_per_sec"])
+    # a': the same module and data in a plain Lightning script (no callbacks, loggers or checks of ours)
+    plain = [plain_lightning(work, args.steps)["tokens_per_sec"] for _ in range(args.repeats)]
+    rows.append(("a. tokens/s, trainer / plain Lightning script", f"{max(ours) / max(plain):.3f}",
+                 f"best {max(ours):,.0f} vs {max(plain):,.0f} tokens/s (scripts/bench_plain_lightning.py, same "
+                 "module, data, optimizer, schedule, clipping)"))  # fmt: skip
     rows.append(("a. tokens/s, trainer / hand-written loop", f"{max(ours) / max(hand):.3f}",
                  f"best {max(ours):,.0f} vs {max(hand):,.0f} tokens/s; per repeat {spread(ours, hand)} "
                  "(target >= 0.97)"))  # fmt: skip
@@ -155,9 +168,9 @@ def main() -> int:
 
     # d: start-up and the torch-free commands
     first, _ = trainer(["train", *BASE, "trainer.max_steps=1", "run.name=first"], work)
-    rows.append(
-        ("d. start to end of first step (process wall)", f"{first:.2f} s", "includes torch/Lightning import")
-    )
+    plain_first = min(plain_lightning(work, 1)["wall_s"] for _ in range(2))
+    rows.append(("d. start to end of first step (process wall)", f"{first:.2f} s",
+                 f"includes torch/Lightning import; the plain Lightning script: {plain_first:.2f} s"))  # fmt: skip
     help_s = min(trainer(["--help"], work)[0] for _ in range(3))
     dry_s = min(trainer(["submit", "--dry-run", "cluster=slurm"], work, {"SLURM_CONF": "/nonexistent"})[0]
                 for _ in range(3))  # fmt: skip

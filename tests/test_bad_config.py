@@ -92,7 +92,7 @@ def cases(tmp: Path) -> list[tuple[list[str], str]]:
             ["logger=wandb", "logger.wandb.mode=cloud"],
             "logger.wandb.mode=cloud: expected one of offline, online, disabled",
         ),
-        (["logger=tensorboard"], "logger=tensorboard: unknown option; expected one of csv, wandb"),
+        (["logger=mlflow"], "logger=mlflow: unknown option; expected one of csv, tensorboard, wandb"),
     ]
 
 

@@ -283,7 +283,8 @@ def test_fsdp_units_and_roots_of_a_module():
     from trainer.models.gpt import GPTModule
     from trainer.strategy.fsdp import _roots, sharding_units
 
-    gpt = GPTModule(n_layer=3, n_head=2, n_embd=16, block_size=8)
+    gpt = GPTModule(n_layer=3, n_head=2, n_embd=16, block_size=8, vocab_size=32, dropout=0.0, bias=False,
+                    tie_weights=True)  # fmt: skip
     assert sharding_units(gpt) == list(gpt.net.blocks)  # one unit per transformer block
     assert _roots(gpt) == [gpt.net]  # the network is the root, not the LightningModule
 

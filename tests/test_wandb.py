@@ -90,6 +90,21 @@ def test_resume_continues_the_same_wandb_run(tmp_path, env):
     assert resumed == sorted(resumed) and resumed[-1] == 400
 
 
+@pytest.mark.slow
+def test_a_continued_directory_keeps_its_wandb_run_when_the_derived_name_changes(tmp_path, env):
+    # run.dir pinned, run.name derived from the config: max_steps=20 after 10 gives another name, the same dir
+    first = train(tmp_path, env, *DIGITS, "trainer.max_steps=10", "run.dir=runs/pinned")
+    assert first.returncode == 0, first.stdout + first.stderr
+    longer = train(tmp_path, env, *DIGITS, "trainer.max_steps=20", "run.dir=runs/pinned")
+    assert longer.returncode == 0, longer.stdout + longer.stderr
+    run_dir = tmp_path / "runs" / "pinned"
+    runs = offline_runs(run_dir)
+    assert len(runs) == 2
+    (s1, _), (s2, h2) = inspect(runs[0], env), inspect(runs[1], env)
+    assert s1["run_id"] == s2["run_id"] == json.loads((run_dir / "run.json").read_text())["wandb"]["id"]
+    assert max(r["trainer/global_step"] for r in h2) == 20
+
+
 @pytest.mark.distributed
 def test_ddp_makes_exactly_one_wandb_run(tmp_path, env):
     result = train(

@@ -11,13 +11,15 @@ from trainer.namespace import pl
 
 
 class DigitsDataModule(SeededLoaders, pl.LightningDataModule):
+    # Keyword-only, without defaults: they live in one place, DigitsDataConfig (trainer/config/schema.py).
     def __init__(
         self,
-        val_fraction: float = 0.2,
-        batch_size: int = 64,
-        num_workers: int = 0,
-        seed: int = 0,
-        shuffle: bool = True,
+        *,
+        val_fraction: float,
+        batch_size: int,
+        num_workers: int,
+        seed: int,
+        shuffle: bool,
     ) -> None:
         super().__init__()
         self.val_fraction, self.batch_size, self.num_workers = val_fraction, batch_size, num_workers

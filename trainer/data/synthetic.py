@@ -23,15 +23,17 @@ class RandomTokens(Dataset):
 
 
 class SyntheticDataModule(SeededLoaders, pl.LightningDataModule):
+    # Keyword-only, without defaults: they live in one place, SyntheticDataConfig (trainer/config/schema.py).
     def __init__(
         self,
-        num_samples: int = 65536,
-        seq_len: int = 128,
-        vocab_size: int = 256,
-        batch_size: int = 32,
-        num_workers: int = 0,
-        seed: int = 0,
-        shuffle: bool = True,
+        *,
+        num_samples: int,
+        seq_len: int,
+        vocab_size: int,
+        batch_size: int,
+        num_workers: int,
+        seed: int,
+        shuffle: bool,
     ) -> None:
         super().__init__()
         self.batch_size, self.num_workers, self.seed, self.shuffle = batch_size, num_workers, seed, shuffle

@@ -43,17 +43,19 @@ def read_corpus(path: str | None, pattern: str, max_bytes: int | None) -> np.nda
 
 
 class TextDataModule(SeededLoaders, pl.LightningDataModule):
+    # Keyword-only, without defaults: they live in one place, TextDataConfig (trainer/config/schema.py).
     def __init__(
         self,
-        path: str | None = None,
-        pattern: str = "**/*.py",
-        seq_len: int = 128,
-        val_fraction: float = 0.05,
-        max_bytes: int | None = None,
-        batch_size: int = 32,
-        num_workers: int = 0,
-        seed: int = 0,
-        shuffle: bool = True,
+        *,
+        path: str | None,
+        pattern: str,
+        seq_len: int,
+        val_fraction: float,
+        max_bytes: int | None,
+        batch_size: int,
+        num_workers: int,
+        seed: int,
+        shuffle: bool,
     ) -> None:
         super().__init__()
         self.path, self.pattern, self.seq_len = path, pattern, seq_len

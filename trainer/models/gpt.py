@@ -108,16 +108,18 @@ class GPT(nn.Module):
 class GPTModule(pl.LightningModule):
     """Next-token prediction with cross-entropy; batches are (inputs, targets) token tensors."""
 
+    # Keyword-only, without defaults: they live in one place, GPTConfig (trainer/config/schema.py).
     def __init__(
         self,
-        n_layer: int = 4,
-        n_head: int = 4,
-        n_embd: int = 128,
-        block_size: int = 128,
-        vocab_size: int = 256,
-        dropout: float = 0.0,
-        bias: bool = False,
-        tie_weights: bool = True,
+        *,
+        n_layer: int,
+        n_head: int,
+        n_embd: int,
+        block_size: int,
+        vocab_size: int,
+        dropout: float,
+        bias: bool,
+        tie_weights: bool,
         compile: bool = False,
         optimizer: Callable[..., torch.optim.Optimizer] | None = None,
         scheduler: Callable[..., Any] | None = None,

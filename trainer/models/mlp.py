@@ -16,12 +16,14 @@ from trainer.namespace import pl
 class MLPModule(pl.LightningModule):
     """Cross-entropy classification; batches are (features, labels)."""
 
+    # Keyword-only, without defaults: they live in one place, MLPConfig (trainer/config/schema.py).
     def __init__(
         self,
-        in_features: int = 64,
-        hidden: Sequence[int] = (128, 128),
-        num_classes: int = 10,
-        dropout: float = 0.1,
+        *,
+        in_features: int,
+        hidden: Sequence[int],
+        num_classes: int,
+        dropout: float,
         optimizer: Callable[..., torch.optim.Optimizer] | None = None,
         scheduler: Callable[..., Any] | None = None,
     ) -> None:

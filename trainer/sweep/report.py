@@ -143,12 +143,12 @@ def plot_sweep(sweep_dir: Path, data: dict, rows: list[dict]) -> list[Path]:
         for r in best:
             columns = read_columns(r["run_dir"])
             label = f"#{r['index']} {r['overrides']}"[:60]
-            for ax, key in zip(axes, ("train/loss", "val/loss"), strict=True):
-                series = columns.get(key, [])
+            for ax, key in zip(axes, ("train/loss", metric), strict=True):
+                series = column_of(columns, key)
                 if series:
-                    ax.plot([s for s, _ in series], [v for _, v in series], marker="." if key == "val/loss" else None,
+                    ax.plot([s for s, _ in series], [v for _, v in series], marker="." if key == metric else None,
                             label=label)  # fmt: skip
-        for ax, key in zip(axes, ("train/loss", "val/loss"), strict=True):
+        for ax, key in zip(axes, ("train/loss", metric), strict=True):
             ax.set_xlabel("step")
             ax.set_ylabel(key)
             ax.set_title(f"{key}: best {len(best)} trials")
@@ -162,6 +162,21 @@ def plot_sweep(sweep_dir: Path, data: dict, rows: list[dict]) -> list[Path]:
     return written
 
 
+def column_of(columns: dict, key: str) -> list:
+    """A metric's (step, value) pairs; one logged per step and per epoch is Lightning's ``<key>_epoch``."""
+    return columns.get(key) or columns.get(f"{key}_epoch", [])
+
+
+def monitor_of(run_dir: Path) -> str:
+    """The run's checkpoint metric (``checkpoint.monitor`` in its config.yaml): the user's name for it."""
+    import yaml
+
+    try:
+        return str(yaml.safe_load((run_dir / rundir.CONFIG_FILE).read_text())["checkpoint"]["monitor"])
+    except (OSError, KeyError, TypeError, yaml.YAMLError):
+        return "val/loss"
+
+
 def plot_run(run_dir: Path) -> list[Path]:
     plt = _pyplot()
     columns = read_columns(run_dir)
@@ -169,14 +184,14 @@ def plot_run(run_dir: Path) -> list[Path]:
     out_dir.mkdir(exist_ok=True)
     speed = "train/tokens_per_sec" if "train/tokens_per_sec" in columns else "train/samples_per_sec"
     panels = [
-        ("loss", ("train/loss", "val/loss")),
+        ("loss", ("train/loss", monitor_of(run_dir))),
         ("learning rate", ("train/lr",)),
         ("throughput", (speed,)),
     ]
     fig, axes = plt.subplots(1, 3, figsize=(15, 4))
     for ax, (title, keys) in zip(axes, panels, strict=True):
         for key in keys:
-            series = columns.get(key, [])
+            series = column_of(columns, key)
             if series:
                 ax.plot([s for s, _ in series], [v for _, v in series], label=key)
         ax.set_title(title)
@@ -203,9 +218,9 @@ def main(argv: list[str]) -> int:
     elif (target / rundir.METRICS_FILE).is_file():
         state = read_json(target / rundir.STATE_FILE) or {}
         summary = state.get("summary") or {}
-        print(f"run {state.get('name', target.name)}: {state.get('status', '?')}, "
-              f"{summary.get('steps', '?')} steps, train loss {summary.get('train_loss')}, "
-              f"val loss {summary.get('val_loss')}")  # fmt: skip
+        shown = [("train/loss", summary.get("train_loss")), *(summary.get("validation") or {}).items()]
+        print(f"run {state.get('name', target.name)}: {state.get('status', '?')}, {summary.get('steps', '?')} steps"
+              + "".join(f", {k} {v:.4f}" for k, v in shown if isinstance(v, (int, float))))  # fmt: skip
         written = plot_run(target)
     else:
         print(f"error: {target}: expected a sweep directory (sweep.json) or a run directory (metrics.csv)",
