@@ -199,14 +199,30 @@ def test_user_code_refusals_are_one_line_before_anything_starts(tmp_path):
             "trainer.callbacks=[]: expected no value here (trainer sets it: use the callbacks group",
         ),
     ]
-    # the template (lightning) beside the autoencoder written against pytorch_lightning
+    # The template (lightning) beside the autoencoder written against pytorch_lightning. The first case goes
+    # through the command itself; the others through its entry point in one process (each `trainer train`
+    # would import torch and Lightning again for a one-line answer).
     env = env_for(tmp_path, root)
     env["PYTHONPATH"] = f"{root / 'template'}:{plain / 'examples'}"
-    for args, expected in cases:
-        result = train(tmp_path, env, *args)
-        err = result.stderr.strip()
-        assert result.returncode == 2, result.stdout + result.stderr
-        assert expected in err and len(err.splitlines()) == 1, err
+    result = train(tmp_path, env, *cases[0][0])
+    err = result.stderr.strip()
+    assert result.returncode == 2 and len(err.splitlines()) == 1 and cases[0][1] in err, result.stdout + err
+    script = (
+        "import contextlib, io, json, sys\n"
+        "from trainer.cli import main\n"
+        "for args in json.loads(sys.argv[1]):\n"
+        "    err = io.StringIO()\n"
+        "    with contextlib.redirect_stderr(err):\n"
+        "        code = main(['train', *args])\n"
+        "    print(json.dumps([code, err.getvalue()]))\n"
+    )
+    many = subprocess.run([sys.executable, "-c", script, json.dumps([args for args, _ in cases[1:]])], cwd=tmp_path,
+                          env=env, capture_output=True, text=True, timeout=300)  # fmt: skip
+    answers = [json.loads(line) for line in many.stdout.splitlines() if line.startswith("[")]
+    assert len(answers) == len(cases) - 1, many.stdout + many.stderr
+    for (args, expected), (code, err) in zip(cases[1:], answers, strict=True):
+        lines = err.strip().splitlines()
+        assert code == 2 and len(lines) == 1 and expected in lines[0], (args, err)
     assert not (tmp_path / "runs").exists()
 
 
