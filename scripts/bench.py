@@ -36,7 +36,8 @@ import time
 from pathlib import Path
 
 REPO = Path(__file__).resolve().parents[1]
-BASE = ["experiment=gpt_quickstart", "trainer.val_check_interval=100000", "trainer.enable_progress_bar=false",
+# Training only: no validation (a run otherwise ends with one, which the start-up figure would include).
+BASE = ["experiment=gpt_quickstart", "trainer.limit_val_batches=0", "trainer.enable_progress_bar=false",
         "checkpoint.every_n_steps=0", "trainer.log_every_n_steps=10"]  # fmt: skip
 
 
