@@ -13,23 +13,18 @@ from collections.abc import Mapping
 from pathlib import Path
 from typing import Any
 
-from trainer.metrics.names import module_metrics
+from trainer.metrics.names import TRAINER_COLUMNS, module_metrics
 from trainer.namespace import pl
 
 rank_zero_only = pl.utilities.rank_zero_only
 
+# The trainer's own columns first (in a fixed order, val/loss beside train/loss), then whatever is logged.
 COLUMNS = (
     "step",
     "epoch",
     "train/loss",
     "val/loss",
-    "train/lr",
-    "train/samples_per_sec",
-    "train/tokens_per_sec",
-    "train/mfu",
-    "train/step_time_s",
-    "train/data_wait_frac",
-    "train/mem_gb",
+    *(c for c in TRAINER_COLUMNS if c.startswith("train/") and c != "train/loss"),
 )
 
 
