@@ -23,6 +23,7 @@ from trainer.checkpoint.io import AtomicCheckpointIO
 from trainer.config import compose
 from trainer.config.compose import Composed
 from trainer.config.errors import ConfigError
+from trainer.config.targets import accepts, is_ours
 from trainer.data.loading import take_over_train_loader
 from trainer.files import read_json
 from trainer.loop import FinalValidation
@@ -99,21 +100,17 @@ def _instantiate(node: dict, key: str, kind: Any, what: str, **extra: Any) -> An
     return obj
 
 
-def model_nodes(c: Composed) -> dict[str, Any]:
-    """The model's constructor arguments as config nodes: its own, plus the optimizer/scheduler it is given."""
-    nodes = dict(c.resolved["model"])
-    for argument, slice_ in (("optimizer", "optim"), ("scheduler", "scheduler")):
-        if c.model_gets.get(argument):
-            nodes[argument] = c.resolved[slice_]
-    return nodes
+def given_to_model(c: Composed) -> dict[str, Any]:
+    """The run's optimizer and scheduler nodes, for a model that takes them (``Composed.model_gets``)."""
+    slices = {"optimizer": "optim", "scheduler": "scheduler"}
+    return {argument: c.resolved[slices[argument]] for argument, given in c.model_gets.items() if given}
 
 
 def build_model(c: Composed) -> pl.LightningModule:
     """The LightningModule of ``model``; it gets the run's optimizer and scheduler if it takes them."""
-    nodes = model_nodes(c)
-    given = {k: nodes[k] for k in ("optimizer", "scheduler") if c.model_gets.get(k)}
-    own = {k: v for k, v in c.resolved["model"].items()}
-    return _instantiate(own, "model", pl.LightningModule, "LightningModule", **given)
+    return _instantiate(
+        c.resolved["model"], "model", pl.LightningModule, "LightningModule", **given_to_model(c)
+    )
 
 
 def build_data(c: Composed) -> pl.LightningDataModule:
@@ -131,14 +128,12 @@ def build_callbacks(c: Composed) -> list[pl.Callback]:
 
 def build_extra_loggers(c: Composed) -> list[Any]:
     """``logger.extra``'s loggers; one that takes ``save_dir`` and does not set it writes into the run dir."""
-    from trainer.optim import takes
-
     out = []
     for name, node in sorted((c.resolved["logger"].get("extra") or {}).items()):
         if node is None:
             continue
         extra = {}
-        if "save_dir" not in node and takes(get_object(node["_target_"]), "save_dir"):
+        if "save_dir" not in node and accepts(get_object(node["_target_"]), "save_dir"):
             extra["save_dir"] = str(c.paths.dir)
         out.append(_instantiate(node, f"logger.extra.{name}", pl.loggers.Logger, "loggers.Logger", **extra))
     return out
@@ -164,7 +159,7 @@ def build_trainer(
         manifest_extra=manifest_extra,
     )
     names = {"checkpoint.monitor": checkpoint.monitor}
-    if os.environ.get(OPTUNA_ENV) or c.conf.sweep.metric != checkpoint.monitor:
+    if c.conf.sweep.metric != checkpoint.monitor:
         names["sweep.metric"] = c.conf.sweep.metric
     callbacks: list[pl.Callback] = [monitor, checkpointer, FinalValidation(), ConfiguredMetrics(names)]
     callbacks += own_callbacks
@@ -227,10 +222,10 @@ def fit(c: Composed) -> dict:
     data = build_data(c)
     model = build_model(c)
     # Before anything is written: hyperparameters that no checkpoint could store stop the run here.
-    plain_hparams = PlainHyperparameters(model_nodes(c), dict(resolved["data"]))
+    plain_hparams = PlainHyperparameters({**resolved["model"], **given_to_model(c)}, resolved["data"])
     plain_hparams.check(model, data)
     data_notes = DataResumeNotes(paths, compose.env_rank() == 0)
-    ours = str(resolved["data"].get("_target_", "")).startswith("trainer.")
+    ours = is_ours(str(resolved["data"].get("_target_", "")))
     if not ours:  # the built-in data modules resume exactly by construction
         take_over_train_loader(data, conf.seed, data_notes)
     manifest_extra = {

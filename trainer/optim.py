@@ -4,12 +4,13 @@ them (``_partial_`` nodes: ``optim`` and ``scheduler``), plus the built-in warmu
 from __future__ import annotations
 
 import functools
-import inspect
 import math
 from collections.abc import Callable
 from typing import Any
 
 import torch
+
+from trainer.config.targets import accepts
 
 
 def param_groups(module: torch.nn.Module) -> list[dict]:
@@ -52,14 +53,6 @@ class WarmupSchedule(torch.optim.lr_scheduler.LambdaLR):
         super().__init__(optimizer, factor)
 
 
-def takes(factory: Callable[..., Any], name: str) -> bool:
-    """Whether a class or partial accepts the keyword ``name``."""
-    try:
-        return name in inspect.signature(factory).parameters
-    except (TypeError, ValueError):
-        return False
-
-
 def configure(
     module: Any, optimizer: Callable[..., torch.optim.Optimizer], scheduler: Callable[..., Any] | None
 ) -> dict:
@@ -70,7 +63,7 @@ def configure(
         return {"optimizer": opt}
     extra = (
         {"total_steps": int(module.trainer.estimated_stepping_batches)}
-        if takes(scheduler, "total_steps")
+        if accepts(scheduler, "total_steps")
         else {}
     )
     return {"optimizer": opt, "lr_scheduler": {"scheduler": scheduler(opt, **extra), "interval": "step"}}

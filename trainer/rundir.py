@@ -255,8 +255,10 @@ def wandb_id(paths: RunPaths) -> str:
     everything that continues the directory (a resume, a requeue, a longer run whose derived name changed)
     continues the same W&B run; for a new directory, one made from its name plus a hash of its path."""
     recorded = ((read_json(paths.state) or {}).get("wandb") or {}).get("id")
-    if recorded:
-        return str(recorded)
+    return str(recorded) if recorded else _new_wandb_id(paths)
+
+
+def _new_wandb_id(paths: RunPaths) -> str:
     digest = hashlib.sha256(str(paths.dir.resolve()).encode()).hexdigest()[:8]
     return f"{re.sub(r'[^A-Za-z0-9_-]', '-', paths.name)[:48]}-{digest}"
 
@@ -274,7 +276,7 @@ def start(paths: RunPaths, cfg: dict, overrides: list[str], plan_: Plan, seed: i
     atomic_write_text(paths.config, yaml.safe_dump(cfg, sort_keys=False))
     atomic_write_text(paths.overrides, yaml.safe_dump(list(overrides)))
     state = read_json(paths.state) or {"name": paths.name, "created": time.time(), "attempts": []}
-    state.setdefault("wandb", {}).setdefault("id", wandb_id(paths))
+    state.setdefault("wandb", {}).setdefault("id", _new_wandb_id(paths))  # kept if recorded before
     state.update(status="running", seed=seed, git=git_info(), versions=package_versions())
     state["attempts"].append(
         {
@@ -310,11 +312,16 @@ def finish(paths: RunPaths, status: str, summary: dict | None = None) -> None:
     atomic_write_text(paths.state, json.dumps(state, indent=2))
 
 
-def last_metrics(path: Path, keys: tuple[str, ...] = ("train/loss", "val/loss")) -> dict:
-    """The newest step and the newest value of each of ``keys`` in a run's metrics.csv ({} if unreadable).
+def metric_column(columns: Any, key: str) -> str:
+    """The metrics.csv column of metric ``key``: a metric a module logs both per step and per epoch is
+    written by Lightning as ``<key>_step`` and ``<key>_epoch``, and ``<key>`` (the name in the module's code)
+    then means the ``_epoch`` one."""
+    return key if key in columns or f"{key}_epoch" not in columns else f"{key}_epoch"
 
-    A metric a module logs both per step and per epoch is written by Lightning as ``<key>_step`` and
-    ``<key>_epoch``; ``<key>`` (the name in the module's code) then means the ``_epoch`` column."""
+
+def last_metrics(path: Path, keys: tuple[str, ...] = ("train/loss", "val/loss")) -> dict:
+    """The newest step and the newest value of each of ``keys`` (see ``metric_column``) in a run's
+    metrics.csv ({} if unreadable)."""
     import csv
 
     out: dict = {}
@@ -324,7 +331,7 @@ def last_metrics(path: Path, keys: tuple[str, ...] = ("train/loss", "val/loss"))
                 if row.get("step"):
                     out["step"] = int(float(row["step"]))
                 for key in keys:
-                    value = row.get(key) or row.get(f"{key}_epoch")
+                    value = row.get(metric_column(row, key))
                     if value:
                         out[key] = float(value)
     except (OSError, ValueError, csv.Error):

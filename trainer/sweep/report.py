@@ -144,7 +144,7 @@ def plot_sweep(sweep_dir: Path, data: dict, rows: list[dict]) -> list[Path]:
             columns = read_columns(r["run_dir"])
             label = f"#{r['index']} {r['overrides']}"[:60]
             for ax, key in zip(axes, ("train/loss", metric), strict=True):
-                series = column_of(columns, key)
+                series = columns.get(rundir.metric_column(columns, key), [])
                 if series:
                     ax.plot([s for s, _ in series], [v for _, v in series], marker="." if key == metric else None,
                             label=label)  # fmt: skip
@@ -160,11 +160,6 @@ def plot_sweep(sweep_dir: Path, data: dict, rows: list[dict]) -> list[Path]:
         plt.close(fig)
         written.append(path)
     return written
-
-
-def column_of(columns: dict, key: str) -> list:
-    """A metric's (step, value) pairs; one logged per step and per epoch is Lightning's ``<key>_epoch``."""
-    return columns.get(key) or columns.get(f"{key}_epoch", [])
 
 
 def monitor_of(run_dir: Path) -> str:
@@ -191,7 +186,7 @@ def plot_run(run_dir: Path) -> list[Path]:
     fig, axes = plt.subplots(1, 3, figsize=(15, 4))
     for ax, (title, keys) in zip(axes, panels, strict=True):
         for key in keys:
-            series = column_of(columns, key)
+            series = columns.get(rundir.metric_column(columns, key), [])
             if series:
                 ax.plot([s for s, _ in series], [v for _, v in series], label=key)
         ax.set_title(title)
