@@ -22,7 +22,7 @@ from trainer.config.compose import compose, normalize, session
 from trainer.config.errors import ConfigError, report
 from trainer.files import atomic_write_text, read_json
 from trainer.launch import slurm
-from trainer.secrets import is_secret_name, redact_override
+from trainer.secrets import is_secret_override, redact_override
 from trainer.sweep import ledger
 from trainer.sweep.trials import SweepPlan, pinned_args, plain, plan_sweep, single
 
@@ -109,11 +109,11 @@ def prepare(opts: Options) -> Submission | None:
     """Everything that can fail on bad input; writes nothing. ``None``: nothing left to submit."""
     overrides = normalize(opts.overrides)
     slurm.check_words("overrides", overrides)
+    # The script keeps the command line (in the run dir and at the scheduler), and ps shows it on the nodes.
     for override in overrides:
-        key = override.split("=", 1)[0].lstrip("+~")
-        if "=" in override and is_secret_name(key):
-            raise ConfigError(key, "<hidden>", "no secrets in a job's command line: export it in your shell "
-                              "(sbatch passes your environment to the job)")  # fmt: skip
+        if is_secret_override(override):
+            raise ConfigError(override.split("=", 1)[0].lstrip("+~"), "<hidden>", "no secrets in a job's command "
+                              "line: export it in your shell (sbatch passes your environment to the job)")  # fmt: skip
     notes: list[str] = []
     with session():
         if opts.multirun:

@@ -9,6 +9,11 @@ loading one cannot run code), and under FSDP they cannot be pickled at all.
 Such a value is stored as the config node that built it (``{"_target_": ..., ...}``), which is plain data
 and says exactly what the object was (``hydra.utils.instantiate`` rebuilds it). A value that is not plain and
 came from no config node is refused when the run starts, naming the attribute, not at the first save.
+
+Secrets among them (``api_token``, any value equal to a secret environment variable's, at any depth) are
+redacted like everywhere else the config is written (``trainer.secrets``): checkpoints are copied and
+uploaded (W&B's ``log_checkpoint``). Nothing reads them back on resume: a resumed run builds its module from
+the config, as a new run does, so the module keeps the real value.
 """
 
 from __future__ import annotations
@@ -20,6 +25,7 @@ import torch
 
 from trainer.config.errors import ConfigError
 from trainer.namespace import pl
+from trainer.secrets import redact
 
 _PLAIN = (type(None), bool, int, float, complex, str, bytes, torch.Tensor, torch.dtype, torch.Size)
 
@@ -52,7 +58,8 @@ def storable(hparams: Mapping[str, Any], nodes: Mapping[str, Any], owner: str) -
 
 
 class PlainHyperparameters(pl.Callback):
-    """Writes the module's and the data module's hyperparameters into each checkpoint as plain data."""
+    """Writes the module's and the data module's hyperparameters into each checkpoint as plain data, with
+    secrets redacted. Lightning calls ``on_save_checkpoint`` from every ``trainer.save_checkpoint``."""
 
     def __init__(self, model_nodes: Mapping[str, Any], data_nodes: Mapping[str, Any]) -> None:
         self.model_nodes, self.data_nodes = dict(model_nodes), dict(data_nodes)
@@ -69,7 +76,7 @@ class PlainHyperparameters(pl.Callback):
         for key, nodes, owner in (("hyper_parameters", self.model_nodes, "model"),
                                   ("datamodule_hyper_parameters", self.data_nodes, "data")):  # fmt: skip
             if key in checkpoint:
-                checkpoint[key] = storable(dict(checkpoint[key]), nodes, owner)
+                checkpoint[key] = redact(storable(dict(checkpoint[key]), nodes, owner))
         # Hyperparameters given as an OmegaConf container come with its class: stored as a plain dict instead.
         for key in ("hparams_type", "datamodule_hparams_type"):
             checkpoint.pop(key, None)

@@ -17,6 +17,7 @@ from pathlib import Path
 from trainer import exits
 from trainer.config.errors import ConfigError
 from trainer.config.schema import ClusterConfig
+from trainer.launch import slurm_options
 
 # What may appear in a value on an #SBATCH line: sbatch parses those lines itself (not the shell), so
 # spaces, quotes and anything else that could split or extend a line are refused rather than escaped.
@@ -24,24 +25,23 @@ _SBATCH_VALUE = re.compile(r"^[A-Za-z0-9_./:@%,=+\-\[\]&|!*~{}]+$")
 _ENV_NAME = re.compile(r"^[A-Za-z_][A-Za-z0-9_]*$")
 _PLACEHOLDER = re.compile(r"\{\{(\w+)\}\}")
 
-# Options the script sets from the config; each names the key that owns it.
+# Options the script sets (long names, as in sbatch's and srun's tables); each names the key that owns it.
+# Refused in cluster.sbatch and cluster.srun in every spelling sbatch and srun accept (slurm_options).
 _OWNED_OPTIONS = {
-    "--nodes": "trainer.num_nodes", "-N": "trainer.num_nodes",
-    "--ntasks-per-node": "trainer.devices", "--ntasks": "trainer.devices", "-n": "trainer.devices",
-    "--cpus-per-task": "cluster.cpus_per_task", "-c": "cluster.cpus_per_task",
-    "--time": "cluster.time", "-t": "cluster.time",
-    "--partition": "cluster.partition", "-p": "cluster.partition",
-    "--account": "cluster.account", "-A": "cluster.account", "--qos": "cluster.qos", "-q": "cluster.qos",
-    "--gres": "cluster.gres", "--gpus-per-node": "cluster.gpus_per_node", "--gpus": "cluster.gpus_per_node",
-    "-G": "cluster.gpus_per_node", "--mem": "cluster.mem", "--constraint": "cluster.constraint",
-    "-C": "cluster.constraint", "--exclusive": "cluster.exclusive", "--job-name": "cluster.job_name",
-    "-J": "cluster.job_name", "--signal": "cluster.signal", "--array": "cluster.array_parallelism",
-    "-a": "cluster.array_parallelism", "--output": "run.dir", "-o": "run.dir", "--error": "run.dir",
-    "-e": "run.dir", "--chdir": "run.dir", "-D": "run.dir", "--open-mode": "run.dir",
-    "--requeue": "cluster.max_requeues", "--no-requeue": "cluster.max_requeues",
-    "--tasks-per-node": "trainer.devices", "--ntasks-per-gpu": "trainer.devices",
-    "--export": "your shell's environment (sbatch must pass it: it carries secrets such as WANDB_API_KEY)",
+    "nodes": "trainer.num_nodes", "ntasks-per-node": "trainer.devices", "ntasks": "trainer.devices",
+    "tasks-per-node": "trainer.devices", "ntasks-per-gpu": "trainer.devices",
+    "ntasks-per-tres": "trainer.devices",
+    "cpus-per-task": "cluster.cpus_per_task", "time": "cluster.time", "partition": "cluster.partition",
+    "account": "cluster.account", "qos": "cluster.qos", "gres": "cluster.gres",
+    "gpus-per-node": "cluster.gpus_per_node", "gpus": "cluster.gpus_per_node", "mem": "cluster.mem",
+    "constraint": "cluster.constraint", "exclusive": "cluster.exclusive", "job-name": "cluster.job_name",
+    "signal": "cluster.signal", "array": "cluster.array_parallelism", "output": "run.dir", "error": "run.dir",
+    "chdir": "run.dir", "open-mode": "run.dir", "requeue": "cluster.max_requeues",
+    "no-requeue": "cluster.max_requeues",
+    "export": "your shell's environment (sbatch must pass it: it carries secrets such as WANDB_API_KEY)",
 }  # fmt: skip
+# The srun line's own: a rank that fails must end the whole job, not leave the others waiting in a collective.
+_SRUN_OWNED = {**_OWNED_OPTIONS, "kill-on-bad-exit": "the template (a failed rank must end the whole job)"}
 
 REQUEUE_EXIT = exits.PREEMPTED
 """The exit code with which a run asks to be requeued."""
@@ -100,33 +100,21 @@ def check_words(key: str, words: list[str]) -> None:
             )
 
 
-def _owner_of(name: str) -> tuple[str, str] | None:
-    """The option the script owns that ``name`` spells (exactly, as a short flag with its value attached, or
-    as an abbreviation of a long option, which Slurm's getopt accepts), and the key that owns it."""
-    for flag, owner in _OWNED_OPTIONS.items():
-        if name == flag or (len(flag) == 2 and name.startswith(flag) and not name.startswith("--")):
-            return flag, owner
-    for flag, owner in _OWNED_OPTIONS.items():
-        if flag.startswith("--") and name.startswith("--") and len(name) >= 4 and flag.startswith(name):
-            return flag, owner
-    return None
-
-
 def check_extra_options(cluster: ClusterConfig) -> None:
-    for key, options in (("cluster.sbatch", cluster.sbatch), ("cluster.srun", cluster.srun)):
+    checks = (("cluster.sbatch", cluster.sbatch, slurm_options.SBATCH, _OWNED_OPTIONS),
+              ("cluster.srun", cluster.srun, slurm_options.SRUN, _SRUN_OWNED))  # fmt: skip
+    for key, options, table, owned in checks:
         for option in options:
-            name = str(option).split("=", 1)[0]
-            if not name.startswith("-"):
+            word = str(option)
+            if not word.startswith("-") or word in ("-", "--"):
                 raise ConfigError(key, option, "options such as --mail-type=END")
-            owned = _owner_of(name)
-            if owned is not None:
+            spelled = slurm_options.reserved_option(word, table, owned)
+            if spelled is not None:
                 raise ConfigError(
                     key,
                     option,
-                    f"an option the script does not set itself ({owned[0]} comes from {owned[1]})",
+                    f"an option the script does not set itself ({spelled[0]} comes from {owned[spelled[1]]})",
                 )
-            if key == "cluster.srun" and name == "--kill-on-bad-exit":
-                raise ConfigError(key, option, "no --kill-on-bad-exit (a failed rank must end the whole job)")
             if key == "cluster.sbatch":
                 sbatch_value(key, option)
     for name in cluster.env:
@@ -155,7 +143,10 @@ def template_path(name: str) -> Path:
 
 def sbatch_options(job: Job) -> list[str]:
     c = job.cluster
-    log = job.log_dir / ("%A_%a.out" if job.array is not None else "%j.out")
+    # sbatch expands %j, %x, ... in an --output path: a % of the run's own directory (a run or sweep named
+    # "loss%j") stays literal as %%, so the log lands where the job ledger says it is.
+    log_dir = sbatch_value("run.dir", job.log_dir).replace("%", "%%")
+    log = f"{log_dir}/{'%A_%a.out' if job.array is not None else '%j.out'}"
     options = [
         f"--job-name={sbatch_value('cluster.job_name', job.job_name)}",
         f"--nodes={job.nodes}",
@@ -167,7 +158,7 @@ def sbatch_options(job: Job) -> list[str]:
         f"--signal={c.signal.removeprefix('SIG')}@{c.signal_lead_s}",
         "--requeue",
         "--open-mode=append",  # a requeued attempt appends to the log instead of truncating it
-        f"--output={sbatch_value('run.dir', log)}",
+        f"--output={log}",
         f"--chdir={sbatch_value('run.dir', job.workdir)}",
     ]
     for key, flag in (("partition", "--partition"), ("account", "--account"), ("qos", "--qos"),
