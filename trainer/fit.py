@@ -9,6 +9,7 @@ from __future__ import annotations
 import json
 import logging
 import os
+import re
 import signal
 import time
 import warnings
@@ -107,10 +108,29 @@ def given_to_model(c: Composed) -> dict[str, Any]:
 
 
 def build_model(c: Composed) -> pl.LightningModule:
-    """The LightningModule of ``model``; it gets the run's optimizer and scheduler if it takes them."""
-    return _instantiate(
-        c.resolved["model"], "model", pl.LightningModule, "LightningModule", **given_to_model(c)
-    )
+    """The LightningModule of ``model``; it gets the run's optimizer and scheduler if it takes them. A model
+    too big for this machine's memory is bad input, said in one line (nothing is written yet)."""
+    import torch
+
+    try:
+        return _instantiate(
+            c.resolved["model"], "model", pl.LightningModule, "LightningModule", **given_to_model(c)
+        )
+    except Exception as err:  # Hydra wraps what the model's __init__ raised
+        cause = err.__cause__ or err
+        text = str(cause)
+        if (
+            not isinstance(cause, (MemoryError, torch.OutOfMemoryError))
+            and "can't allocate memory" not in text
+        ):
+            raise
+        tried = re.search(r"tried to allocate (\d+) bytes", text)
+        amount = f" (one tensor alone needs {int(tried.group(1)) / 2**30:,.1f} GiB)" if tried else ""
+        raise ConfigError(
+            "model",
+            c.resolved["model"].get("_target_"),
+            f"a model that fits in this machine's memory{amount}",
+        ) from None
 
 
 def build_data(c: Composed) -> pl.LightningDataModule:
@@ -264,9 +284,9 @@ def fit(c: Composed) -> dict:
         stopped_early = checkpointer.preempted or checkpointer.stopped_nonfinite
         if not stopped_early and checkpointer.last_saved_step != trainer.global_step:
             checkpointer.save(trainer, "final")
-    except BaseException:
+    except BaseException as exc:
         if trainer.is_global_zero:
-            rundir.finish(paths, "failed")
+            rundir.record_failure(paths, exc)
         raise
     finally:
         checkpointer.restore_signal_handlers()

@@ -8,6 +8,7 @@ writes here. Nothing in this module imports torch.
 from __future__ import annotations
 
 import contextlib
+import errno
 import hashlib
 import json
 import os
@@ -44,6 +45,12 @@ CHECKPOINT_DIR = "checkpoints"
 SLURM_DIR = "slurm"
 """Job scripts, job logs and the job ledger of a run submitted to SLURM."""
 JOBS_FILE = "jobs.json"
+LOGS_DIR = "logs"
+FILE_SYSTEM_ERRORS = (
+    errno.ENOSPC, errno.EDQUOT, errno.EFBIG, errno.EROFS, errno.EACCES, errno.EPERM, errno.EIO, errno.ENOTDIR,
+    errno.EISDIR,
+)  # fmt: skip
+"""Errors of the disk or of its permissions, not of the code: said in one line, without a traceback."""
 
 
 def jobs_file(run_dir: Path) -> Path:
@@ -52,6 +59,10 @@ def jobs_file(run_dir: Path) -> Path:
 
 
 LAST_CHECKPOINT = "last.ckpt"
+LOCK_FILE = ".lock"
+"""Held by the process that trains the run (``trainer.runlock``)."""
+NOT_A_RUN = (SLURM_DIR, LOCK_FILE)
+"""What a run directory may hold before its run starts."""
 
 
 def _drop(cfg: dict, dotted: str) -> None:
@@ -108,6 +119,11 @@ class RunPaths:
     @property
     def slurm(self) -> Path:
         return self.dir / SLURM_DIR
+
+    @property
+    def logs(self) -> Path:
+        """Each local rank's output (``rank-<N>.log``), written by the local launcher."""
+        return self.dir / LOGS_DIR
 
 
 def label(cfg: dict, experiment: str | None) -> str:
@@ -166,6 +182,21 @@ def _check_same(key: str, where: str, old: dict, new: dict, allow: bool) -> list
     return [f"continuing although these differ from the checkpoint's config: {shown}"]
 
 
+def _check_looks_like_checkpoint(path: Path) -> None:
+    """A checkpoint without a manifest (made elsewhere) is at least a torch.save file (a zip archive) or a
+    sharded checkpoint directory (its ``.metadata``), or it is refused before anything starts."""
+    import zipfile
+
+    if path.is_dir() and (path / ".metadata").is_file():
+        return
+    if path.is_file() and zipfile.is_zipfile(path):
+        return
+    what = "a directory without .metadata" if path.is_dir() else "not a torch.save file"
+    raise ConfigError(
+        "resume", str(path), f"a checkpoint file or a sharded checkpoint directory (this is {what})"
+    )
+
+
 def plan(
     paths: RunPaths, cfg: dict, resume: str, *, rank_zero: bool = True, allow_config_change: bool = False
 ) -> Plan:
@@ -184,12 +215,16 @@ def plan(
                 raise ConfigError("resume", resume, f"a valid checkpoint (this one: {reason})")
             notes = _check_same("resume", resume, {**manifest.get("identity", {})}, cfg, allow_config_change)
         else:
+            _check_looks_like_checkpoint(path)
             notes = [f"{resume} has no manifest: its config cannot be checked against this run's"]
         return Plan("resume", resume, tuple(notes))
+    if paths.dir.exists() and not paths.dir.is_dir():
+        raise ConfigError("run.dir", str(paths.dir), "a directory (this is a file)")
     state = read_json(paths.state)
     if state is None:
-        # The job script and log folder that `trainer submit` writes before the job starts is not a run.
-        if rank_zero and paths.dir.exists() and any(p.name != SLURM_DIR for p in paths.dir.iterdir()):
+        # The job script and log folder that `trainer submit` writes before the job starts is not a run, nor
+        # the lock file of the process that is about to start it.
+        if rank_zero and paths.dir.exists() and any(p.name not in NOT_A_RUN for p in paths.dir.iterdir()):
             raise ConfigError(
                 "run.dir", str(paths.dir), "a new or empty directory, or a run directory (no run.json here)"
             )
@@ -206,7 +241,17 @@ def plan(
     if found.path is not None:
         return Plan("resume", str(found.path), tuple(notes))
     if found.rejected:
-        notes.append("no valid checkpoint left: training starts again from step 0")
+        # Progress was made and cannot be continued: starting again over it must be the user's choice.
+        path, why = found.rejected[0]
+        raise ConfigError(
+            "run.dir", str(paths.dir),
+            f"a run directory with a valid checkpoint; none of its {len(found.rejected)} checkpoint(s) is valid "
+            f"(newest: {path.name}: {why}); to start again from step 0 on purpose, move {paths.checkpoints} aside",
+        )  # fmt: skip
+    if state.get("status") != "finished":
+        notes.append(
+            f"the earlier attempt ({state.get('status')}) saved no checkpoint: training starts again from step 0"
+        )
     return Plan("fresh", None, tuple(notes))
 
 
@@ -300,16 +345,37 @@ def annotate(paths: RunPaths, **fields: Any) -> None:
     atomic_write_text(paths.state, json.dumps(state, indent=2))
 
 
-def finish(paths: RunPaths, status: str, summary: dict | None = None) -> None:
-    """Rank zero, after training (or on failure): record the outcome."""
+def finish(paths: RunPaths, status: str, summary: dict | None = None, cause: str | None = None) -> None:
+    """Rank zero, after training (or on failure): record the outcome (and, for a failure, its cause)."""
     state = read_json(paths.state) or {"name": paths.name, "attempts": []}
     state["status"] = status
     if state["attempts"]:
         state["attempts"][-1]["ended"] = time.time()
         state["attempts"][-1]["status"] = status
+        if cause:
+            state["attempts"][-1]["cause"] = cause
     if summary is not None:
         state["summary"] = summary
     atomic_write_text(paths.state, json.dumps(state, indent=2))
+
+
+def record_failure(paths: RunPaths, cause: str | BaseException) -> None:
+    """Mark a started run failed, with its cause in one line, as far as the disk still allows (a full disk
+    may not)."""
+    if not paths.state.exists():
+        return  # it never started: there is no run to mark
+    if isinstance(cause, BaseException):
+        first = (str(cause).strip().splitlines() or [""])[0]
+        cause = f"{type(cause).__name__}: {first}" if first else type(cause).__name__
+    with contextlib.suppress(OSError):
+        finish(paths, "failed", cause=cause)
+
+
+def describe_os_error(err: OSError) -> str:
+    """``could not write runs/x/checkpoints/step-8.ckpt: No space left on device``, from an OSError."""
+    where = f" {err.filename}" if err.filename else ""
+    text = err.strerror or str(err)
+    return text if text.startswith("could not") else f"could not write{where}: {text}"
 
 
 def metric_column(columns: Any, key: str) -> str:

@@ -8,16 +8,19 @@ stay fast. A sweep (``-m``) never comes here: ``trainer.cli`` sends it to ``trai
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import json
 import logging
 import os
 import sys
+from collections.abc import Iterator
 
 import hydra
+import yaml
 from omegaconf import DictConfig
 
-from trainer import exits
+from trainer import exits, rundir, runlock
 from trainer.config import compose, schema
 from trainer.config.errors import describe, report
 from trainer.files import read_json
@@ -36,6 +39,15 @@ class _Abort(BaseException):
         self.message, self.code = message, code
 
 
+class _Raised(BaseException):
+    """Carries an exception of the run past Hydra's job runner, which would print "Error executing job with
+    overrides: [...]" (every override, secrets included, on the console and in W&B's copy of it)."""
+
+    def __init__(self, exc: Exception) -> None:
+        super().__init__(str(exc))
+        self.exc = exc
+
+
 def cli_main(args: list[str]) -> int:
     # Let exceptions reach us whole, so bad configs become one line and exit 2 (Hydra would print a
     # multi-line report and exit 1).
@@ -44,6 +56,7 @@ def cli_main(args: list[str]) -> int:
     sys.argv = [sys.argv[0], *compose.normalize(args)]
     schema.register()
     main = hydra.main(version_base="1.3", config_path=compose.conf_dir(), config_name="train")(run)
+    escaped: Exception | None = None
     try:
         main()
     except SystemExit as exit_:  # Hydra's --help and --info end with sys.exit
@@ -52,13 +65,29 @@ def cli_main(args: list[str]) -> int:
         if abort.message:
             print(abort.message, file=sys.stderr)
         return abort.code
+    except _Raised as raised:
+        escaped = raised.exc  # re-raised below, outside this handler, so its traceback is only its own
     except Exception as exc:
-        return report(exc)
+        escaped = exc
+    if isinstance(escaped, (UnicodeDecodeError, yaml.YAMLError)):  # Hydra read a file that is not YAML
+        line = compose.unreadable_config(sys.argv[1:], escaped)
+        if line is not None:
+            print(f"error: {line}", file=sys.stderr)
+            return exits.CONFIG
+    if escaped is not None:
+        return report(escaped)  # one line for bad input; anything else propagates with its traceback
     return exits.OK
 
 
 def run(cfg: DictConfig) -> None:
-    """One training run: check, then train here or start the local workers."""
+    try:
+        _run(cfg)
+    except Exception as exc:
+        raise _Raised(exc) from None
+
+
+def _run(cfg: DictConfig) -> None:
+    """One training run: check, take the run directory, then train here or start the local workers."""
     from hydra.core.hydra_config import HydraConfig
 
     from trainer.config.validate import launched_externally
@@ -67,13 +96,12 @@ def run(cfg: DictConfig) -> None:
     if rank != 0:
         logging.getLogger().setLevel(logging.WARNING)
     hydra_cfg = HydraConfig.get()
-    try:
+    with _one_line_errors():
         c = compose.check(cfg, hydra_cfg, where="local")
-    except Exception as exc:
-        line = describe(exc)
-        if line is None:
-            raise
-        raise _Abort(f"error: {line}", exits.CONFIG) from None
+        if c.plan.action != "done" and rank == 0 and compose.PLAN_ENV not in os.environ:
+            # One writer per run directory; what is on disk is read again once it is ours.
+            runlock.acquire(c.paths.dir, warn=log.warning)
+            c = compose.replan(c)
 
     if rank == 0:
         for note in c.plan.notes:
@@ -102,19 +130,40 @@ def run(cfg: DictConfig) -> None:
         fit(c)
     except RunStopped as stop:
         raise _Abort(stop.message if rank == 0 else "", stop.code) from None
+    except OSError as err:
+        if err.errno not in rundir.FILE_SYSTEM_ERRORS:
+            raise
+        # The disk, not the code: one line (fit has recorded it in run.json where it could).
+        raise _Abort(f"error: {rundir.describe_os_error(err)}", exits.FAILED) from None
+
+
+@contextlib.contextmanager
+def _one_line_errors() -> Iterator[None]:
+    """Bad input, said in one line with exit code 2."""
+    try:
+        yield
+    except Exception as exc:
+        line = describe(exc)
+        if line is None:
+            raise
+        raise _Abort(f"error: {line}", exits.CONFIG) from None
 
 
 def start_workers(c: compose.Composed, config_source: list[str]) -> None:
     """One worker process per device; they get the run's identity spelled out, so they cannot disagree
-    about the directory, and the plan made here, so they cannot disagree about resuming."""
+    about the directory, and the plan made here, so they cannot disagree about resuming. They share this
+    process's lock of the run directory."""
     from trainer.launch.local import WorkersFailed, quote, run_workers
 
     log.info("starting %d workers (%s) for run %s", c.conf.trainer.devices, c.conf.strategy.name, c.paths.dir)
     pinned = [f"run.name={quote(c.paths.name)}", f"run.dir={quote(str(c.paths.dir))}"]
     args = config_source + c.own_overrides + pinned
     try:
-        code = run_workers(args, c.conf.trainer.devices, dataclasses.asdict(c.plan))
+        code = run_workers(
+            args, c.conf.trainer.devices, dataclasses.asdict(c.plan), c.paths.logs, runlock.held
+        )
     except WorkersFailed as err:
+        rundir.record_failure(c.paths, str(err))
         raise _Abort(f"error: {err}", err.returncode) from None
     if code:
         raise _Abort("", code)  # the workers said why

@@ -58,14 +58,75 @@ def quote_numeric_choices(args: list[str]) -> list[str]:
     return out
 
 
+# Hydra's flags that take a value (``--cfg job``, ``--config-dir d``); ``--info`` takes one optionally.
+_FLAGS_WITH_VALUE = ("--config-dir", "-cd", "--config-path", "-cp", "--config-name", "-cn", "--cfg", "-c",
+                     "--package", "-p", "--experimental-rerun")  # fmt: skip
+_FLAGS_MAYBE_VALUE = ("--info", "-i")
+
+
+def flags_first(args: list[str]) -> list[str]:
+    """Hydra's flags (with their values) before the overrides: its parser takes overrides in one run, so
+    ``a=1 --config-dir d b=2`` would fail on ``b=2`` ("unrecognized arguments")."""
+    flags: list[str] = []
+    overrides: list[str] = []
+    i = 0
+    while i < len(args):
+        arg = args[i]
+        if arg.startswith("-"):
+            flags.append(arg)
+            following = args[i + 1] if i + 1 < len(args) else None
+            takes = arg in _FLAGS_WITH_VALUE or (
+                arg in _FLAGS_MAYBE_VALUE and following is not None and not following.startswith("-")
+                and not _is_override(following)
+            )  # fmt: skip
+            if takes and following is not None:
+                flags.append(args[i + 1])
+                i += 1
+        else:
+            overrides.append(arg)
+        i += 1
+    return flags + overrides
+
+
+def _is_override(arg: str) -> bool:
+    """``key=value``, ``+key=value``, ``~key`` (Hydra's override grammar), as opposed to a ``-flag``."""
+    return arg.startswith(("+", "~")) or ("=" in arg and not arg.startswith("-"))
+
+
 def normalize(args: list[str]) -> list[str]:
-    """The command line's overrides as Hydra must see them: numeric group choices quoted, and the default
+    """The command line as Hydra must see it: its flags first, numeric group choices quoted, and the default
     preset left out when the user picks another model or data without a preset (conf/train.yaml)."""
-    args = quote_numeric_choices(args)
-    keys = [a.split("=", 1)[0].lstrip("+~") for a in args if "=" in a]
+    args = flags_first(quote_numeric_choices(args))
+    keys = [a.split("=", 1)[0].lstrip("+~") for a in args if _is_override(a)]
     if "experiment" not in keys and any(k in ("model", "data") for k in keys):
         args = [*args, "~experiment"]
     return args
+
+
+def unreadable_config(args: list[str], err: Exception) -> str | None:
+    """After Hydra failed to read a config file with ``err``: which file, and why, in one line (None when it
+    cannot be told). A YAML error names its file; a file that is not text is found among ``--config-dir``'s
+    and conf/'s YAML files."""
+    import yaml
+
+    if isinstance(err, yaml.YAMLError):
+        mark = getattr(err, "problem_mark", None)
+        where = f"{mark.name}: line {mark.line + 1}" if mark else "a config file"
+        return f"{where}: not valid YAML ({getattr(err, 'problem', None) or err})"
+    dirs = [conf_dir()]
+    for i, arg in enumerate(args):
+        if arg in ("--config-dir", "-cd") and i + 1 < len(args):
+            dirs.insert(0, args[i + 1])
+        elif arg.startswith("--config-dir="):
+            dirs.insert(0, arg.split("=", 1)[1])
+    for path in (p for directory in dirs for p in sorted(Path(directory).rglob("*.yaml"))):
+        try:
+            path.read_bytes().decode("utf-8")
+        except UnicodeDecodeError:
+            return f"{path}: not a YAML file (not UTF-8 text)"
+        except OSError as os_err:
+            return f"{path}: cannot be read ({os_err.strerror})"
+    return None
 
 
 def env_rank() -> int:
@@ -167,8 +228,8 @@ def check(
     from trainer import namespace
     from trainer.config import targets
     from trainer.config.validate import (
-        check_checkpoint_format,
         check_components,
+        check_finite,
         check_for_cluster,
         check_here,
         to_typed,
@@ -189,6 +250,7 @@ def check(
         cfg.sweep.direction = conf.sweep.direction
     accelerator = check_for_cluster(conf) if where == "cluster" else check_here(conf)
     resolved = OmegaConf.to_container(cfg, resolve=True)
+    check_finite(resolved)
     experiment = choices.get("experiment")
     paths = rundir.resolve_paths(resolved, experiment)
     if absolute:
@@ -196,10 +258,23 @@ def check(
     if PLAN_ENV in os.environ:  # a worker started by our own launcher: it already decided
         plan = rundir.Plan(**json.loads(os.environ[PLAN_ENV]))
     else:
-        plan = rundir.plan(
-            paths, resolved, conf.resume, rank_zero=env_rank() == 0,
-            allow_config_change=conf.checkpoint.allow_config_change,
-        )  # fmt: skip
-    check_checkpoint_format(plan.checkpoint, conf.strategy.name)
+        plan = _plan(conf, resolved, paths)
     return Composed(conf, resolved, paths, plan, task, experiment, accelerator, run_namespace, trainer_flags,
                     model_gets)  # fmt: skip
+
+
+def _plan(conf: schema.TrainConfig, resolved: dict, paths: rundir.RunPaths) -> rundir.Plan:
+    from trainer.config.validate import check_checkpoint_format
+
+    plan = rundir.plan(
+        paths, resolved, conf.resume, rank_zero=env_rank() == 0,
+        allow_config_change=conf.checkpoint.allow_config_change,
+    )  # fmt: skip
+    check_checkpoint_format(plan.checkpoint, conf.strategy.name)
+    return plan
+
+
+def replan(c: Composed) -> Composed:
+    """``c`` with its plan made again from what is on disk now (once the run directory is locked: the plan
+    made before may have been read while another process was still writing there)."""
+    return dataclasses.replace(c, plan=_plan(c.conf, c.resolved, c.paths))

@@ -81,8 +81,12 @@ def locate(key: str, target: str) -> Any:
         return get_object(target)
     except Exception as err:  # ImportError, AttributeError, or the user's module failing as it imports
         cause = err.__cause__ or err
+        first = (str(cause).strip().splitlines() or [""])[0]
+        hint = " (is its folder on PYTHONPATH?)" if isinstance(cause, ModuleNotFoundError) else ""
         raise ConfigError(
-            f"{key}._target_", target, f"an importable class or function ({type(cause).__name__}: {cause})"
+            f"{key}._target_",
+            target,
+            f"an importable class or function ({type(cause).__name__}: {first}){hint}",
         ) from None
 
 
@@ -123,18 +127,31 @@ def lightning_namespace(cfg: DictConfig) -> str | None:
 
 
 def check_signatures(cfg: DictConfig) -> None:
-    """Bind every untyped node's keys to its target's signature (typed nodes: their schema did)."""
+    """Import every node's target that is not ours; bind every untyped node's keys to its target's signature
+    (typed nodes: their schema did)."""
     for key, node in nodes(cfg):
         target = node.get("_target_")
-        if is_typed(node) or not isinstance(target, str) or is_ours(target):
+        if not isinstance(target, str) or is_ours(target) or target == _schema_target(node):
             continue
-        names = keywords(locate(key, target))
+        obj = locate(key, target)  # also a typed node's, when its _target_ is set to the user's class
+        if is_typed(node):
+            continue
+        names = keywords(obj)
         if names is None:
             continue
         for arg in node:
             if arg not in HYDRA_KEYS and arg not in names:
                 shown = ", ".join(names) or "none"
                 raise ConfigError(f"{key}.{arg}", None, f"an argument of {target}: {shown}", is_key=True)
+
+
+def _schema_target(node: DictConfig) -> str | None:
+    """The ``_target_`` a typed node's schema declares (e.g. ``torch.optim.AdamW``): known good, and not
+    imported here (``trainer submit`` must not import torch)."""
+    if not is_typed(node):
+        return None
+    field = next((f for f in dataclasses.fields(OmegaConf.get_type(node)) if f.name == "_target_"), None)
+    return field.default if field is not None else None
 
 
 def keywords(obj: Any) -> list[str] | None:

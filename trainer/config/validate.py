@@ -10,6 +10,7 @@ import copy
 import dataclasses
 import functools
 import glob
+import math
 import os
 from typing import Any
 
@@ -288,3 +289,16 @@ def _device_count(accelerator: str) -> int:
         return 1
     # CPU "devices" are processes; more of them than cores only makes each one slower.
     return os.cpu_count() or 1
+
+
+def check_finite(resolved: Any, key: str = "") -> None:
+    """No number of the config is nan or infinite: none of its settings means anything with one (a learning
+    rate of inf trains to nan, every_n_minutes=nan never saves)."""
+    if isinstance(resolved, dict):
+        for child, value in resolved.items():
+            check_finite(value, f"{key}.{child}" if key else str(child))
+    elif isinstance(resolved, list):
+        for i, value in enumerate(resolved):
+            check_finite(value, f"{key}[{i}]")
+    elif isinstance(resolved, float) and not math.isfinite(resolved):
+        raise ConfigError(key, resolved, "a finite number")

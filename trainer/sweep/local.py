@@ -25,7 +25,7 @@ from trainer.config.compose import Composed, compose, normalize, session
 from trainer.config.errors import ConfigError, report
 from trainer.files import read_json
 from trainer.launch import slurm
-from trainer.launch.local import die_with_parent
+from trainer.launch.local import die_with_parent, outside_launchers
 from trainer.secrets import redact_override
 from trainer.sweep import OPTUNA_ENV, ledger
 from trainer.sweep.trials import SweepPlan, pinned_args, plan_sweep
@@ -64,23 +64,9 @@ class Runner:
 
     def env(self, slot: int, c: Composed, extra: dict[str, str] | None = None) -> dict:
         """The environment of a trial run by worker ``slot``: on GPUs, the slot's own devices."""
-        env = dict(os.environ, **(extra or {}))
         # A trial is a run of its own: no rank of a launcher around the sweep (inside a SLURM array task, the
         # worker is one srun task; its trials must not take SLURM's task variables as their ranks).
-        for var in (
-            "RANK",
-            "LOCAL_RANK",
-            "WORLD_SIZE",
-            "TRAINER_PLAN",
-            "SLURM_NTASKS",
-            "SLURM_NPROCS",
-            "SLURM_PROCID",
-            "SLURM_LOCALID",
-            "SLURM_NODEID",
-            "SLURM_STEP_NUM_TASKS",
-            "SLURM_NTASKS_PER_NODE",
-        ):
-            env.pop(var, None)
+        env = outside_launchers(dict(os.environ, **(extra or {})))
         parallel = self.plan.settings.parallel
         if parallel > 1 and "OMP_NUM_THREADS" not in os.environ:  # share the cores instead of fighting
             env["OMP_NUM_THREADS"] = str(max(1, (os.cpu_count() or 1) // parallel))
