@@ -18,7 +18,7 @@ import warnings
 from pathlib import Path
 from typing import Any
 
-from trainer import rundir
+from trainer import exits, rundir
 from trainer.checkpoint.manifest import read_manifest, verify
 
 
@@ -44,19 +44,18 @@ def source_checkpoint(target: Path) -> Path:
 
 
 def load_weights(path: Path) -> dict[str, Any]:
-    """The checkpoint's model weights as full tensors, plus its non-tensor metadata (no optimizer state)."""
-    import torch
+    """The checkpoint's model weights as full tensors, plus its non-tensor metadata (no optimizer state).
+    Nothing in the checkpoint can run code: one that tries raises ``UnsafeCheckpoint``."""
+    from trainer.checkpoint.io import META_FILE, load_file, read_sharded
 
     if path.is_dir():  # sharded: gather the model entries only, in this process
-        from torch.distributed.checkpoint.state_dict_loader import _load_state_dict_from_keys
-
-        meta_file = path / "meta.pt"
-        meta = torch.load(meta_file, weights_only=True, map_location="cpu") if meta_file.exists() else {}
+        meta_file = path / META_FILE
+        meta = load_file(meta_file, map_location="cpu") if meta_file.exists() else {}
         with warnings.catch_warnings():  # "no process group: loading in one process" is the intent here
             warnings.simplefilter("ignore", UserWarning)
-            weights = _load_state_dict_from_keys({"state_dict"}, checkpoint_id=str(path))["state_dict"]
+            weights = read_sharded(path, {"state_dict"})["state_dict"]
     else:
-        meta = torch.load(path, weights_only=True, map_location="cpu")
+        meta = load_file(path, map_location="cpu")
         weights = meta.pop("state_dict")
     keep = ("hyper_parameters", "hparams_name", "pytorch-lightning_version", "global_step", "epoch")
     out = {key: meta[key] for key in keep if key in meta}
@@ -84,6 +83,8 @@ def main(argv: list[str]) -> int:
     parser.add_argument("target", help="a run directory or a checkpoint (file or sharded directory)")
     parser.add_argument("-o", "--output", help="output file (default: <run dir>/export/<step-N>.ckpt)")
     args = parser.parse_args(argv)
+    from trainer.checkpoint.io import CheckpointWriteError, UnsafeCheckpoint
+
     try:
         source = source_checkpoint(Path(args.target))
         # last.ckpt is a link to a step-N checkpoint; its manifest names which: the output is named after it
@@ -97,9 +98,12 @@ def main(argv: list[str]) -> int:
             )
             out = run_dir / "export" / step_name
         result = export(source, out)
-    except ExportError as err:
+    except (ExportError, UnsafeCheckpoint) as err:
         print(f"error: {err}", file=sys.stderr)
-        return 2
+        return exits.CONFIG
+    except CheckpointWriteError as err:  # its partial file is removed already
+        print(f"error: {err}", file=sys.stderr)
+        return exits.FAILED
     print(
         f"exported step {result['step']} ({result['tensors']} tensors, "
         f"{result['bytes'] / 1e6:.1f} MB) from {source} to {out}"

@@ -3,9 +3,10 @@
 - Saves every ``every_n_steps`` optimizer steps and/or ``every_n_minutes``, at the end, on a preemption
   signal and when a non-finite loss stops the run; always at an optimizer-step boundary, so a resumed run
   has no half-accumulated gradient. Keeps the newest K and the best K by a monitored metric.
-- Adds every rank's random state (python, numpy, torch, CUDA) to the checkpoint and puts it back before the
-  first resumed step: with the data position (see trainer/data/loading.py) and Lightning's model, optimizer,
-  scheduler and loop state, a resumed run computes exactly what the uninterrupted one would have.
+- Adds every rank's random state (python, numpy, torch, its CUDA device's) to the checkpoint and puts it
+  back before the first resumed step: with the data position (see trainer/data/loading.py) and Lightning's
+  model, optimizer, scheduler and loop state, a resumed run computes exactly what the uninterrupted one
+  would have.
 - Signals (SIGUSR1, SIGTERM by default) only set a flag. At the next step boundary all ranks agree through
   one small all-reduce, save one checkpoint together and stop; the process then exits with ``exits.PREEMPTED``.
 - A non-finite loss or gradient is never applied to the weights: the step is skipped, and (policy ``stop``)
@@ -62,7 +63,9 @@ def install_early_handlers(signals: list[str]) -> None:
 
 
 def capture_rng() -> dict[str, Any]:
-    """This process's random streams, in types ``torch.load(weights_only=True)`` accepts."""
+    """This process's random streams, in types ``torch.load(weights_only=True)`` accepts. Of CUDA's, only
+    the current device's: the one this rank computes on (all visible devices' would tie the checkpoint to
+    their number, and a resume on fewer would fail)."""
     py = random.getstate()
     name, keys, pos, has_gauss, cached = np.random.get_state()
     state: dict[str, Any] = {
@@ -71,7 +74,7 @@ def capture_rng() -> dict[str, Any]:
         "torch": torch.get_rng_state(),
     }
     if torch.cuda.is_available() and torch.cuda.is_initialized():
-        state["cuda"] = torch.cuda.get_rng_state_all()
+        state["cuda"] = torch.cuda.get_rng_state(torch.cuda.current_device())
     return state
 
 
@@ -82,7 +85,15 @@ def restore_rng(state: dict[str, Any]) -> None:
     np.random.set_state((name, np.asarray(keys, dtype=np.uint32), pos, has_gauss, cached))
     torch.set_rng_state(state["torch"])
     if "cuda" in state and torch.cuda.is_available():
-        torch.cuda.set_rng_state_all(state["cuda"])
+        device = torch.cuda.current_device()
+        cuda = state["cuda"]
+        if isinstance(cuda, list):  # older checkpoints: every visible device's, indexed by device
+            # A single entry was the saving process's only device, so the one it computed on; a device the
+            # saving process did not have has no saved stream, and keeps its own.
+            by_device = dict(enumerate(cuda)) if len(cuda) != 1 else {device: cuda[0]}
+            cuda = by_device.get(device)
+        if cuda is not None:
+            torch.cuda.set_rng_state(cuda, device)
 
 
 def _grads_finite(params: list[torch.Tensor]) -> bool:

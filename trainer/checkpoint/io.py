@@ -1,17 +1,80 @@
-"""Writing and reading checkpoint files: atomic, checksummed, and loaded without running any code."""
+"""Writing and reading checkpoint files: atomic, checksummed, and loaded without running any code.
+
+- A checkpoint is written under a hidden temporary name and renamed into place; a write that fails (disk
+  full, quota, read-only file system, ...) removes what it wrote and raises one ``CheckpointWriteError``.
+- Nothing read from a checkpoint can name code to run: single files load weights-only, and a sharded (DCP)
+  checkpoint is read through ``SafeDCPReader``. A checkpoint that tries is refused with ``UnsafeCheckpoint``,
+  whose message is one line.
+"""
 
 from __future__ import annotations
 
 import hashlib
+import io
 import os
+import pickle
+import re
 import time
+from collections.abc import Iterator
+from contextlib import contextmanager, suppress
 from pathlib import Path
 from typing import Any
 
 import torch
+from torch.distributed.checkpoint import FileSystemReader
+from torch.distributed.checkpoint.api import CheckpointException
+from torch.distributed.checkpoint.filesystem import _StorageInfo
+from torch.distributed.checkpoint.metadata import Metadata, StorageMeta
 
-from trainer.checkpoint.manifest import checkpoint_manifest, fsync_dir, write_manifest
+from trainer.checkpoint.manifest import checkpoint_manifest, fsync_dir, remove_checkpoint, write_manifest
 from trainer.namespace import fabric_module
+
+META_FILE = fabric_module("utilities.load")._METADATA_FILENAME
+"""``meta.pt``: in a sharded checkpoint, everything but the model and optimizer shards (Lightning's name)."""
+
+
+class UnsafeCheckpoint(ValueError):
+    """A checkpoint that names code to run (or is not what it claims to be): it was not loaded."""
+
+
+class CheckpointWriteError(OSError):
+    """A checkpoint could not be written; what the write had put on disk is removed. ``errno`` is the
+    cause's where known, ``filename`` the checkpoint."""
+
+    def __str__(self) -> str:
+        return f"could not write checkpoint {self.filename}: {self.strerror}"
+
+
+def write_error(path: str | os.PathLike, err: BaseException) -> CheckpointWriteError | None:
+    """``err``, raised while writing ``path``, as a ``CheckpointWriteError``; None when it is no failed write.
+
+    The OSError behind it says why where one is known: torch.save turns its file's OSError into a
+    RuntimeError, and DCP wraps each rank's failure in a CheckpointException, whose copies from other ranks
+    no longer carry their cause (there its own message says why)."""
+    cause = _os_error(err)
+    if cause is not None:
+        return CheckpointWriteError(cause.errno, cause.strerror or str(cause), str(path))
+    if isinstance(err, CheckpointException) and err.failures:
+        first = next(iter(err.failures.values()))[0]
+        reason = (str(first).strip().splitlines() or [type(first).__name__])[0]
+        return CheckpointWriteError(None, reason, str(path))
+    return None
+
+
+def _os_error(err: BaseException | None) -> OSError | None:
+    seen: set[int] = set()
+    pending = [err]
+    while pending:
+        current = pending.pop()
+        if current is None or id(current) in seen:
+            continue
+        seen.add(id(current))
+        if isinstance(current, OSError):
+            return current
+        pending += [current.__cause__, current.__context__]
+        if isinstance(current, CheckpointException):
+            pending += [exc for exc, _ in current.failures.values()]
+    return None
 
 
 class _HashingWriter:
@@ -29,6 +92,31 @@ class _HashingWriter:
         self.f.flush()
 
 
+def save_file(obj: Any, path: Path) -> tuple[int, str]:
+    """``torch.save`` into ``path``, fsynced; returns its size and SHA-256."""
+    with path.open("wb") as f:
+        writer = _HashingWriter(f)
+        torch.save(obj, writer)
+        f.flush()
+        os.fsync(f.fileno())
+    return writer.bytes, writer.sha256.hexdigest()
+
+
+def load_file(path: str | os.PathLike, **kwargs: Any) -> Any:
+    """``torch.load`` weights-only: anything that would name code to run is refused in one line."""
+    try:
+        return torch.load(path, weights_only=True, **kwargs)
+    except pickle.UnpicklingError as err:
+        raise UnsafeCheckpoint(f"{path}: refused to load: {_refused(err)}") from None
+
+
+def _refused(err: pickle.UnpicklingError) -> str:
+    """What torch's weights-only unpickler refused, from its (long, many-line) message."""
+    named = re.search(r"GLOBAL ([\w.]+)", str(err))
+    what = named.group(1) if named else "something"
+    return f"it names {what}, which loading with weights_only=True refuses (it could run code)"
+
+
 class AtomicCheckpointIO(fabric_module("plugins.io.torch_io").TorchCheckpointIO):
     """Write to a hidden temporary file, fsync, rename over the target, then write the manifest.
 
@@ -44,27 +132,168 @@ class AtomicCheckpointIO(fabric_module("plugins.io.torch_io").TorchCheckpointIO)
         self, checkpoint: dict[str, Any], path: str | os.PathLike, storage_options: Any = None
     ) -> None:
         target = Path(path)
-        target.parent.mkdir(parents=True, exist_ok=True)
         tmp = target.with_name(f".{target.name}.tmp")
         started = time.perf_counter()
-        with tmp.open("wb") as f:
-            writer = _HashingWriter(f)
-            torch.save(checkpoint, writer)
-            f.flush()
-            os.fsync(f.fileno())
-        os.replace(tmp, target)
-        fsync_dir(target.parent)  # make the rename itself durable
-        seconds = time.perf_counter() - started
-        self.last_write = {"bytes": writer.bytes, "seconds": seconds}
-        manifest = checkpoint_manifest(
-            target.name, writer.bytes, writer.sha256.hexdigest(), int(checkpoint.get("global_step", 0)),
-            int(checkpoint.get("epoch", 0)), seconds,
-        )  # fmt: skip
-        manifest.update((storage_options or {}).get("manifest", {}))
-        write_manifest(target, manifest)
+        published = False
+        try:
+            target.parent.mkdir(parents=True, exist_ok=True)
+            size, sha256 = save_file(checkpoint, tmp)
+            os.replace(tmp, target)
+            published = True
+            fsync_dir(target.parent)  # make the rename itself durable
+            seconds = time.perf_counter() - started
+            manifest = checkpoint_manifest(
+                target.name, size, sha256, int(checkpoint.get("global_step", 0)),
+                int(checkpoint.get("epoch", 0)), seconds,
+            )  # fmt: skip
+            manifest.update((storage_options or {}).get("manifest", {}))
+            write_manifest(target, manifest)
+        except Exception as err:
+            with suppress(OSError):
+                if published:  # in place but without its manifest it is no valid checkpoint: remove both
+                    remove_checkpoint(target)
+                else:
+                    tmp.unlink(missing_ok=True)
+            error = write_error(target, err)
+            if error is None:
+                raise
+            raise error from None
+        self.last_write = {"bytes": size, "seconds": seconds}
 
     def load_checkpoint(
         self, path: Any, map_location: Any = None, weights_only: bool | None = None
     ) -> dict[str, Any]:
         # Never unpickle arbitrary objects: a checkpoint file must not be able to run code when loaded.
-        return super().load_checkpoint(path, map_location=map_location, weights_only=True)
+        try:
+            return super().load_checkpoint(path, map_location=map_location, weights_only=True)
+        except pickle.UnpicklingError as err:
+            raise UnsafeCheckpoint(f"{path}: refused to load: {_refused(err)}") from None
+
+
+# ---------------------------------------------------------------------------------------------------------
+# Sharded (DCP) checkpoints
+
+# All that a DCP ``.metadata`` file names (found by listing the globals of ones this torch writes): its own
+# dataclasses, sizes, dtypes, layouts, and the path it was saved under. Checked against (module, name), so
+# nothing else a module holds (``os``, ``torch`` in the metadata module) is reachable through it.
+_METADATA_GLOBALS = frozenset(
+    [("torch.distributed.checkpoint.metadata", name) for name in (
+        "Metadata", "MetadataIndex", "StorageMeta", "TensorStorageMetadata", "BytesStorageMetadata",
+        "ChunkStorageMetadata", "TensorProperties", "_MEM_FORMAT_ENCODING")]
+    + [("torch.distributed.checkpoint.filesystem", "_StorageInfo"), ("torch", "Size"),
+       ("torch.serialization", "_get_layout"), ("collections", "OrderedDict")]
+    # pathlib's classes moved to pathlib._local in Python 3.13; a checkpoint saved there names that module
+    + [(module, name) for module in ("pathlib", "pathlib._local") for name in ("PosixPath", "PurePosixPath")]
+)  # fmt: skip
+
+
+class _MetadataUnpickler(pickle.Unpickler):
+    def __init__(self, file: Any, where: Path) -> None:
+        super().__init__(file)
+        self.where = where
+
+    def find_class(self, module: str, name: str) -> Any:
+        # A dtype (torch.float32, ...) is pickled as the torch module's attribute of that name.
+        dtype = module == "torch" and isinstance(vars(torch).get(name), torch.dtype)
+        if not dtype and (module, name) not in _METADATA_GLOBALS:
+            raise UnsafeCheckpoint(
+                f"{self.where}: refused to load: it names {module}.{name}, "
+                "which a checkpoint's metadata never holds"
+            )
+        return super().find_class(module, name)
+
+
+def read_dcp_metadata(path: Path) -> Metadata:
+    """A DCP ``.metadata`` file, unpickled with only the classes such a file holds (torch's own reader
+    unpickles it with plain ``pickle.load``: a crafted file would run any code it names)."""
+    with path.open("rb") as f:
+        try:
+            metadata = _MetadataUnpickler(f, path).load()
+        except UnsafeCheckpoint:
+            raise
+        except Exception as err:  # not a pickle, cut short: unpickling fails in many ways
+            raise UnsafeCheckpoint(
+                f"{path}: not a checkpoint's metadata ({type(err).__name__}: {err})"
+            ) from None
+    if not isinstance(metadata, Metadata):
+        raise UnsafeCheckpoint(f"{path}: holds a {type(metadata).__name__}, not a checkpoint's metadata")
+    for info in (metadata.storage_data or {}).values():
+        if not isinstance(info, _StorageInfo):
+            raise UnsafeCheckpoint(f"{path}: holds a {type(info).__name__} where a shard's place belongs")
+        # Shards are files of the checkpoint's own directory: a name with a path in it reads elsewhere.
+        if os.path.basename(info.relative_path) != info.relative_path:
+            raise UnsafeCheckpoint(
+                f"{path}: refused to load: it points outside its checkpoint ({info.relative_path})"
+            )
+    return metadata
+
+
+class _WeightsOnlyBytes:
+    """Stands in for DCP's load planner while shards are read. DCP's planner unpickles a non-tensor entry
+    (an optimizer's hyper-parameters) with ``torch.load(weights_only=False)``: here it is loaded weights-only
+    first, and the planner gets only bytes saved again from what that accepted."""
+
+    def __init__(self, planner: Any, where: Path) -> None:
+        self._planner, self._where = planner, where
+
+    def __getattr__(self, name: str) -> Any:  # everything else is the planner's own
+        return getattr(self._planner, name)
+
+    def load_bytes(self, read_item: Any, value: io.BytesIO) -> None:
+        try:
+            entry = torch.load(value, weights_only=True)
+        except pickle.UnpicklingError as err:
+            raise UnsafeCheckpoint(
+                f"{self._where}: refused to load its entry {read_item.dest_index.fqn}: {_refused(err)}"
+            ) from None
+        clean = io.BytesIO()
+        torch.save(entry, clean)
+        clean.seek(0)
+        self._planner.load_bytes(read_item, clean)
+
+
+class SafeDCPReader(FileSystemReader):
+    """DCP's file-system reader without its two ways to run code from a checkpoint: ``.metadata`` is read by
+    ``read_dcp_metadata`` and non-tensor entries are loaded weights-only (tensors are, by DCP itself)."""
+
+    def read_metadata(self, *args: Any, **kwargs: Any) -> Metadata:
+        metadata = read_dcp_metadata(Path(self._get_metadata_path(kwargs.get("rank"))))
+        if getattr(metadata, "storage_meta", None) is None:  # older torch wrote none
+            metadata.storage_meta = StorageMeta()
+        metadata.storage_meta.load_id = self.load_id
+        return metadata
+
+    def read_data(self, plan: Any, planner: Any) -> Any:
+        return super().read_data(plan, _WeightsOnlyBytes(planner, Path(self.path)))
+
+
+@contextmanager
+def _safe_dcp(path: Path) -> Iterator[SafeDCPReader]:
+    reader = SafeDCPReader(path)
+    # Read once before DCP does: inside DCP a failed metadata read is logged with its traceback, retried as
+    # rank-local metadata and raised as another error; here the refusal is raised as itself.
+    reader.read_metadata()
+    try:
+        yield reader
+    except CheckpointException as err:  # DCP gathers every rank's failure; a refusal is raised as itself
+        refused = next((exc for exc, _ in err.failures.values() if isinstance(exc, UnsafeCheckpoint)), None)
+        if refused is None:
+            raise
+        raise refused from None
+
+
+def load_sharded(state: dict[str, Any], path: Path) -> None:
+    """DCP's load into ``state`` (in place, resharded to this run's ranks), through ``SafeDCPReader``."""
+    import torch.distributed.checkpoint as dcp
+
+    with _safe_dcp(path) as reader:
+        dcp.load(state, storage_reader=reader)
+
+
+def read_sharded(path: Path, keys: set[str]) -> dict[str, Any]:
+    """The entries ``keys`` of a sharded checkpoint as full tensors, in this one process (no process group),
+    through ``SafeDCPReader``."""
+    from torch.distributed.checkpoint.state_dict_loader import _load_state_dict_from_keys
+
+    with _safe_dcp(path) as reader:
+        return _load_state_dict_from_keys(keys, storage_reader=reader)

@@ -112,11 +112,15 @@ def _verify_dir(checkpoint: Path, manifest: dict) -> str | None:
 
 def remove_checkpoint(path: Path) -> None:
     """A checkpoint file or sharded directory, and its manifest."""
+    _remove_path(path)
+    manifest_path(path).unlink(missing_ok=True)
+
+
+def _remove_path(path: Path) -> None:
     if path.is_dir() and not path.is_symlink():
         shutil.rmtree(path, ignore_errors=True)
     else:
         path.unlink(missing_ok=True)
-    manifest_path(path).unlink(missing_ok=True)
 
 
 @dataclass(frozen=True)
@@ -145,3 +149,31 @@ def find_latest_valid(directory: Path) -> Found:
             return Found(path, step, rejected)
         rejected.append((path, reason))
     return Found(None, None, rejected)
+
+
+def sweep_debris(directory: Path) -> list[Path]:
+    """Remove what killed or failed saves left in a checkpoint directory; returns what was removed.
+
+    That is: hidden temporaries (``.<name>.tmp``; ``.<name>.old``, a sharded checkpoint set aside while its
+    step was saved again), step checkpoints without a manifest (their write never finished), then manifests
+    whose checkpoint is gone (and a ``last.ckpt`` link left pointing at nothing). Only safe while no save can
+    be running: the caller holds the run directory's lock.
+    """
+    if not directory.is_dir():
+        return []
+    removed = [
+        path
+        for path in sorted(directory.iterdir())
+        if (path.name.startswith(".") and path.name.endswith((".tmp", ".old")))
+        or (STEP_NAME.match(path.name) and read_manifest(path) is None)
+    ]
+    for path in removed:
+        _remove_path(path)
+    for manifest in sorted(directory.glob("*.ckpt" + MANIFEST_SUFFIX)):
+        checkpoint = manifest.with_name(manifest.name.removesuffix(MANIFEST_SUFFIX))
+        if not checkpoint.exists():  # follows links: a link to a removed checkpoint is gone too
+            gone = [manifest, checkpoint] if checkpoint.is_symlink() else [manifest]
+            for path in gone:
+                _remove_path(path)
+            removed += gone
+    return removed

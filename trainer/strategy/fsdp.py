@@ -10,7 +10,9 @@ things differ from Lightning's strategy:
   every entry of every ``nn.ModuleList`` is one (the transformer blocks) and the root takes the rest.
 - Checkpoints are published like every other checkpoint of the project: written under a hidden name, then
   renamed into place, then described by a manifest listing each file's size and SHA-256 (each rank hashes
-  its own shard file, so the cost does not grow with the number of ranks).
+  its own shard file, so the cost does not grow with the number of ranks). A write that fails on any rank
+  removes the partial directory and raises ``CheckpointWriteError`` on every rank together; loading goes
+  through ``SafeDCPReader``, so nothing in a checkpoint can run code.
 """
 
 from __future__ import annotations
@@ -19,13 +21,23 @@ import logging
 import os
 import shutil
 import time
+from contextlib import suppress
 from datetime import timedelta
 from pathlib import Path
 from typing import Any
 
 import torch
 from torch import nn
+from torch.distributed.checkpoint.api import CheckpointException
 
+from trainer.checkpoint.io import (
+    META_FILE,
+    CheckpointWriteError,
+    load_file,
+    load_sharded,
+    save_file,
+    write_error,
+)
 from trainer.checkpoint.manifest import (
     checkpoint_manifest,
     combined_digest,
@@ -231,7 +243,10 @@ class FSDP2Strategy(pl_module("strategies").ModelParallelStrategy):
     # ------------------------------------------------------------------ checkpoints
 
     def save_checkpoint(self, checkpoint: dict[str, Any], filepath: Any, storage_options: Any = None) -> None:
-        """A DCP directory, published atomically with a manifest (``storage_options["manifest"]`` adds fields)."""
+        """A DCP directory, published atomically with a manifest (``storage_options["manifest"]`` adds fields).
+
+        A failed write (on any rank) removes the partial directory and raises ``CheckpointWriteError`` on
+        every rank together."""
         target = Path(self.broadcast(str(filepath)))
         tmp = target.with_name(f".{target.name}.tmp")
         if self.global_rank == 0:
@@ -239,48 +254,116 @@ class FSDP2Strategy(pl_module("strategies").ModelParallelStrategy):
         self.barrier()
         started = time.perf_counter()
         step, epoch = int(checkpoint.get("global_step", 0)), int(checkpoint.get("epoch", 0))
-        super().save_checkpoint(checkpoint, tmp)  # collective: each rank writes its shards, rank 0 meta.pt
-        own = _hash_files(tmp, lambda name: name.startswith(f"__{self.global_rank}_"))
+        own: dict[str, dict] | CheckpointWriteError | None
+        try:
+            self._write_shards(checkpoint, tmp)
+            own = _hash_files(tmp, lambda name: name.startswith(f"__{self.global_rank}_"))
+        except (Exception, CheckpointException) as err:  # DCP's own exception is no Exception
+            own = write_error(target, err)
+            if own is None:
+                raise
+        # Gathered on every rank whatever happened, so that a rank that failed and one that did not never
+        # wait for each other in different collectives.
         gathered: list[Any] = [own]
         if torch.distributed.is_initialized():
             gathered = [None] * self.world_size
             torch.distributed.all_gather_object(gathered, own)
+        failed = next((part for part in gathered if isinstance(part, CheckpointWriteError)), None)
         if self.global_rank == 0:
-            files: dict[str, dict] = {}
-            for part in gathered:
-                files.update(part)
-            files.update(_hash_files(tmp, lambda name: name not in files, fsync=True))
-            fsync_dir(tmp)
-            # A save at a step saved before: the old one is moved aside, not deleted, until the new one is
-            # complete (a crash in between leaves the previous checkpoints valid).
-            old = target.with_name(f".{target.name}.old")
+            if failed is None:
+                try:
+                    self._publish(tmp, target, gathered, started, step, epoch, storage_options)
+                except OSError as err:
+                    failed = write_error(target, err)  # an OSError: never None
+            if failed is not None:
+                shutil.rmtree(tmp, ignore_errors=True)
+        failed = self.broadcast(failed)  # rank 0's outcome, which every rank raises or not together
+        if failed is not None:
+            raise failed from None
+
+    def _write_shards(self, checkpoint: dict[str, Any], tmp: Path) -> None:
+        """Lightning's sharded save (collective: each rank writes its shards, rank 0 the rest to meta.pt),
+        with meta.pt written by ``save_file``, so a failure says its OSError."""
+        from torch.distributed.checkpoint import save
+
+        tmp.mkdir(parents=True, exist_ok=True)
+        shards = {"state_dict": checkpoint.pop("state_dict")}
+        shards.update({f"optimizer_{i}": s for i, s in enumerate(checkpoint.pop("optimizer_states", []))})
+        save(shards, checkpoint_id=tmp)
+        if self.global_rank == 0:
+            save_file(checkpoint, tmp / META_FILE)
+
+    def _publish(
+        self, tmp: Path, target: Path, gathered: list[dict[str, dict]], started: float, step: int, epoch: int,
+        storage_options: Any,
+    ) -> None:  # fmt: skip
+        """Rank 0: rename the complete directory into place and describe it by its manifest. On an OSError,
+        what was in place before is put back."""
+        files: dict[str, dict] = {}
+        for part in gathered:
+            files.update(part)
+        files.update(_hash_files(tmp, lambda name: name not in files))
+        fsync_dir(tmp)
+        # A save at a step saved before: the old one is moved aside, not deleted, until the new one is
+        # complete (a crash in between leaves the previous checkpoints valid).
+        old = target.with_name(f".{target.name}.old")
+        moved_aside = published = False
+        try:
             if target.exists():
                 remove_checkpoint(old)
                 os.replace(target, old)
+                moved_aside = True
             os.replace(tmp, target)
+            published = True
             fsync_dir(target.parent)
             seconds = time.perf_counter() - started
             size = sum(f["bytes"] for f in files.values())
-            self.last_write = {"bytes": size, "seconds": seconds}
             manifest = checkpoint_manifest(target.name, size, combined_digest(files), step, epoch, seconds)
             manifest["files"] = files
             manifest.update((storage_options or {}).get("manifest", {}))
             write_manifest(target, manifest)
-            remove_checkpoint(old)
-        self.barrier()
+        except OSError:
+            with suppress(OSError):
+                if published:  # without its manifest the new directory is no valid checkpoint
+                    shutil.rmtree(target)
+                if moved_aside:  # the old one, whose manifest is still in place
+                    os.replace(old, target)
+            raise
+        remove_checkpoint(old)
+        self.last_write = {"bytes": size, "seconds": seconds}
 
     def load_checkpoint(self, checkpoint_path: Any, weights_only: bool | None = None) -> dict[str, Any]:
-        # Never unpickle arbitrary objects (meta.pt, or a full checkpoint file from a DDP run).
-        return super().load_checkpoint(checkpoint_path, weights_only=True)
+        """Lightning's sharded load, with DCP's reader replaced by one that runs no code from the checkpoint
+        (``SafeDCPReader``): model and optimizer resharded to this run's ranks, the rest from meta.pt."""
+        from torch.distributed.checkpoint.state_dict import (
+            StateDictOptions,
+            get_model_state_dict,
+            get_optimizer_state_dict,
+            set_optimizer_state_dict,
+        )
+
+        path = Path(self.broadcast(str(checkpoint_path)))
+        if not path.is_dir():  # a full file (refused before a run starts, see config/validate.py)
+            return super().load_checkpoint(path, weights_only=True)
+        module = self.model
+        model_state = {"state_dict": get_model_state_dict(module)}
+        load_sharded(model_state, path)
+        module.load_state_dict(model_state["state_dict"], strict=self.lightning_module.strict_loading)
+        for idx, optimizer in enumerate(self.optimizers):
+            key = f"optimizer_{idx}"
+            optimizer_state = {key: get_optimizer_state_dict(module, optimizer)}
+            load_sharded(optimizer_state, path)
+            set_optimizer_state_dict(
+                module, optimizer, optim_state_dict=optimizer_state[key],
+                options=StateDictOptions(cpu_offload=True),
+            )  # fmt: skip
+        return load_file(path / META_FILE)
 
 
-def _hash_files(folder: Path, wanted: Any, fsync: bool = False) -> dict[str, dict]:
-    out: dict[str, dict] = {}
-    for path in sorted(folder.iterdir()):
-        if not path.is_file() or not wanted(path.name):
-            continue
-        if fsync:  # DCP syncs the shards it writes; Lightning's meta.pt is a plain torch.save
-            with path.open("rb") as f:
-                os.fsync(f.fileno())
-        out[path.name] = {"bytes": path.stat().st_size, "sha256": sha256_file(path)}
-    return out
+def _hash_files(folder: Path, wanted: Any) -> dict[str, dict]:
+    """Size and SHA-256 of the wanted files (all written and fsynced already: by DCP, meta.pt by save_file)."""
+    return {
+        path.name: {"bytes": path.stat().st_size, "sha256": sha256_file(path)}
+        for path in sorted(folder.iterdir())
+        if path.is_file() and wanted(path.name)
+    }
