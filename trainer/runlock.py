@@ -12,7 +12,6 @@ yet expired: such a holder is waited for (``REQUEUE_WAIT_S``) instead of refused
 
 from __future__ import annotations
 
-import atexit
 import datetime
 import errno
 import json
@@ -103,14 +102,28 @@ def acquire(run_dir: Path, warn: Callable[[str], object] = print) -> int | None:
     except OSError:
         pass  # who holds it is only for the message of a second command; the lock itself is held
     held = fd
-    if created is not None:
-        atexit.register(_remove_if_unused, run_dir, created)
+    _made[fd] = (run_dir, created)
     return fd
 
 
+_made: dict[int, tuple[Path, Path | None]] = {}
+"""For each lock held: its run directory, and the first directory that taking the lock created."""
+
+
+def release() -> None:
+    """Let go of the lock this process holds (if any). A run that stopped before writing anything (bad input
+    found late, a model too big for memory) leaves no trace of the directories its lock made."""
+    global held
+    if held is None:
+        return
+    fd, held = held, None
+    run_dir, created = _made.pop(fd)
+    os.close(fd)
+    if created is not None:
+        _remove_if_unused(run_dir, created)
+
+
 def _remove_if_unused(run_dir: Path, created: Path) -> None:
-    """At exit: a run that stopped before writing anything (bad input found late, a model too big) leaves no
-    trace of the directories its lock made."""
     try:
         if [p.name for p in run_dir.iterdir()] != [LOCK_FILE]:
             return

@@ -14,7 +14,7 @@ import json
 import logging
 import os
 import sys
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 
 import hydra
 import yaml
@@ -56,6 +56,13 @@ def cli_main(args: list[str]) -> int:
     sys.argv = [sys.argv[0], *compose.normalize(args)]
     schema.register()
     main = hydra.main(version_base="1.3", config_path=compose.conf_dir(), config_name="train")(run)
+    try:
+        return _main(main)
+    finally:
+        runlock.release()
+
+
+def _main(main: Callable[[], None]) -> int:
     escaped: Exception | None = None
     try:
         main()

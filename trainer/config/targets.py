@@ -22,6 +22,7 @@ import dataclasses
 import functools
 import importlib.util
 import inspect
+import logging
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
@@ -77,6 +78,8 @@ def is_ours(target: str) -> bool:
 def locate(key: str, target: str) -> Any:
     from hydra.utils import get_object
 
+    quiet = logging.getLogger("hydra.utils")  # it logs a three-line report of its own before raising
+    was_disabled, quiet.disabled = quiet.disabled, True
     try:
         return get_object(target)
     except Exception as err:  # ImportError, AttributeError, or the user's module failing as it imports
@@ -88,6 +91,8 @@ def locate(key: str, target: str) -> Any:
             target,
             f"an importable class or function ({type(cause).__name__}: {first}){hint}",
         ) from None
+    finally:
+        quiet.disabled = was_disabled
 
 
 def translate_lightning_targets(cfg: DictConfig, run_namespace: str) -> None:
