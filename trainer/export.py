@@ -27,18 +27,15 @@ class ExportError(Exception):
 
 
 def source_checkpoint(target: Path) -> Path:
-    """A run directory means its newest checkpoint; a checkpoint means itself. Either must verify."""
+    """A run directory means its newest checkpoint; a checkpoint means itself. Either must verify, if it has
+    a manifest (one made elsewhere has none)."""
     if (target / rundir.CHECKPOINT_DIR).is_dir():
         target = target / rundir.CHECKPOINT_DIR / rundir.LAST_CHECKPOINT
         if not target.exists():
             raise ExportError(f"{target.parent.parent}: the run has no checkpoint yet")
     if not target.exists():
         raise ExportError(f"{target}: expected a run directory or a checkpoint (no such path)")
-    if read_manifest(target) is None:
-        print(
-            f"note: {target} has no manifest (not written by trainer): exported unverified", file=sys.stderr
-        )
-    elif (reason := verify(target)) is not None:
+    if read_manifest(target) is not None and (reason := verify(target)) is not None:
         raise ExportError(f"{target}: not a valid checkpoint ({reason})")
     return target
 
@@ -104,6 +101,10 @@ def main(argv: list[str]) -> int:
     except CheckpointWriteError as err:  # its partial file is removed already
         print(f"error: {err}", file=sys.stderr)
         return exits.FAILED
+    if read_manifest(source) is None:  # said once it loaded: a refusal stays the only line
+        print(
+            f"note: {source} has no manifest (not written by trainer): exported unverified", file=sys.stderr
+        )
     print(
         f"exported step {result['step']} ({result['tensors']} tensors, "
         f"{result['bytes'] / 1e6:.1f} MB) from {source} to {out}"

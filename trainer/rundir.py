@@ -373,9 +373,10 @@ def record_failure(paths: RunPaths, cause: str | BaseException) -> None:
 
 def describe_os_error(err: OSError) -> str:
     """``could not write runs/x/checkpoints/step-8.ckpt: No space left on device``, from an OSError."""
+    if str(err).startswith("could not"):  # already says what (trainer.checkpoint.io.CheckpointWriteError)
+        return str(err)
     where = f" {err.filename}" if err.filename else ""
-    text = err.strerror or str(err)
-    return text if text.startswith("could not") else f"could not write{where}: {text}"
+    return f"could not write{where}: {err.strerror or err}"
 
 
 def metric_column(columns: Any, key: str) -> str:

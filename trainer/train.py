@@ -15,14 +15,16 @@ import logging
 import os
 import sys
 from collections.abc import Callable, Iterator
+from pathlib import Path
 
 import hydra
 import yaml
 from omegaconf import DictConfig
 
 from trainer import exits, rundir, runlock
+from trainer.checkpoint.manifest import sweep_debris
 from trainer.config import compose, schema
-from trainer.config.errors import describe, report
+from trainer.config.errors import ConfigError, describe, report
 from trainer.files import read_json
 
 log = logging.getLogger("trainer")
@@ -109,6 +111,12 @@ def _run(cfg: DictConfig) -> None:
             # One writer per run directory; what is on disk is read again once it is ours.
             runlock.acquire(c.paths.dir, warn=log.warning)
             c = compose.replan(c)
+            _check_sharded_checkpoint(c)
+            removed = sweep_debris(c.paths.checkpoints)  # safe: no save of this run can be going on
+            if removed:
+                log.info(
+                    "removed %d leftover(s) of interrupted saves from %s", len(removed), c.paths.checkpoints
+                )
 
     if rank == 0:
         for note in c.plan.notes:
@@ -142,6 +150,24 @@ def _run(cfg: DictConfig) -> None:
             raise
         # The disk, not the code: one line (fit has recorded it in run.json where it could).
         raise _Abort(f"error: {rundir.describe_os_error(err)}", exits.FAILED) from None
+
+
+def _check_sharded_checkpoint(c: compose.Composed) -> None:
+    """A sharded checkpoint to continue from names no code to run: its ``.metadata`` is read (safely) here,
+    before anything is written or any worker started."""
+    if not (c.plan.checkpoint and os.path.isdir(c.plan.checkpoint)):
+        return
+    from trainer import namespace
+
+    namespace.select(c.namespace or namespace.DEFAULT)  # trainer.checkpoint.io is Lightning code of ours
+    from trainer.checkpoint.io import UnsafeCheckpoint, read_dcp_metadata
+
+    try:
+        read_dcp_metadata(Path(c.plan.checkpoint) / ".metadata")
+    except UnsafeCheckpoint as err:
+        raise ConfigError(
+            "resume", c.plan.checkpoint, f"a checkpoint that runs no code when loaded ({err})"
+        ) from None
 
 
 @contextlib.contextmanager

@@ -19,6 +19,7 @@ from __future__ import annotations
 
 import ast
 import dataclasses
+import difflib
 import functools
 import importlib.util
 import inspect
@@ -136,7 +137,10 @@ def check_signatures(cfg: DictConfig) -> None:
     (typed nodes: their schema did)."""
     for key, node in nodes(cfg):
         target = node.get("_target_")
-        if not isinstance(target, str) or is_ours(target) or target == _schema_target(node):
+        if not isinstance(target, str) or target == _schema_target(node):
+            continue
+        if is_ours(target):
+            check_ours(key, target)
             continue
         obj = locate(key, target)  # also a typed node's, when its _target_ is set to the user's class
         if is_typed(node):
@@ -148,6 +152,31 @@ def check_signatures(cfg: DictConfig) -> None:
             if arg not in HYDRA_KEYS and arg not in names:
                 shown = ", ".join(names) or "none"
                 raise ConfigError(f"{key}.{arg}", None, f"an argument of {target}: {shown}", is_key=True)
+
+
+def check_ours(key: str, target: str) -> None:
+    """A ``_target_`` in this package names a module and a top-level name in it: read from the source, not
+    imported (importing our Lightning code would fix the namespace before it is known)."""
+    module, _, name = target.rpartition(".")
+    spec = importlib.util.find_spec(module) if module else None
+    if spec is None or not spec.origin or not spec.origin.endswith(".py"):
+        raise ConfigError(
+            f"{key}._target_", target, f"an importable class or function (no module {module!r})"
+        )
+    tree = ast.parse(Path(spec.origin).read_text())
+    defined = {
+        n.name for n in tree.body if isinstance(n, (ast.ClassDef, ast.FunctionDef, ast.AsyncFunctionDef))
+    }
+    defined |= {
+        t.id for n in tree.body if isinstance(n, ast.Assign) for t in n.targets if isinstance(t, ast.Name)
+    }
+    defined |= {(a.asname or a.name) for n in tree.body if isinstance(n, ast.ImportFrom) for a in n.names}
+    if name not in defined:
+        close = difflib.get_close_matches(name, sorted(defined), n=1)
+        hint = f" (did you mean {module}.{close[0]}?)" if close else ""
+        raise ConfigError(
+            f"{key}._target_", target, f"an importable class or function: {module} has no {name}{hint}"
+        )
 
 
 def _schema_target(node: DictConfig) -> str | None:
