@@ -278,7 +278,9 @@ def cases(base: Path) -> list[Case]:
             "model=trainer.models.gpt.GPTModule: expected a model that fits",
         ),
         # --- secrets (finding 3): refused by submit in one line that does not show them; never echoed
-        Case("secret camelCase submit", [*submit, f"+model.accessKey={SECRET}"], 2, "model.accessKey=<hidden>"),
+        Case(
+            "secret camelCase submit", [*submit, f"+model.accessKey={SECRET}"], 2, "model.accessKey=<hidden>"
+        ),
         Case(
             "secret value submit",
             [*submit, f"run.name={SECRET}"],
