@@ -111,9 +111,13 @@ def test_checkpoint_that_would_run_code_is_not_loaded(tmp_path, env):
     )
     subprocess.run([sys.executable, "-c", code], check=True)
     result = run(tmp_path, env, "experiment=digits_mlp", "debug=smoke", f"resume={evil}")
-    assert result.returncode != 0
-    assert "Weights only load failed" in result.stderr or "weights_only" in result.stderr
-    assert not marker.exists()
+    # refused in one line before the run starts: nothing ran, nothing was written
+    assert result.returncode == 2, result.stdout + result.stderr
+    assert result.stderr.strip().splitlines() == [
+        f"error: resume={evil}: expected a checkpoint that runs no code when loaded ({evil}: refused to load: "
+        "it names posix.system, which loading with weights_only=True refuses (it could run code))"
+    ]
+    assert not marker.exists() and not (tmp_path / "runs").exists()
 
 
 @pytest.mark.slow

@@ -111,7 +111,7 @@ def _run(cfg: DictConfig) -> None:
             # One writer per run directory; what is on disk is read again once it is ours.
             runlock.acquire(c.paths.dir, warn=log.warning)
             c = compose.replan(c)
-            _check_sharded_checkpoint(c)
+            _check_checkpoint_is_safe(c)
             removed = sweep_debris(c.paths.checkpoints)  # safe: no save of this run can be going on
             if removed:
                 log.info(
@@ -152,18 +152,22 @@ def _run(cfg: DictConfig) -> None:
         raise _Abort(f"error: {rundir.describe_os_error(err)}", exits.FAILED) from None
 
 
-def _check_sharded_checkpoint(c: compose.Composed) -> None:
-    """A sharded checkpoint to continue from names no code to run: its ``.metadata`` is read (safely) here,
-    before anything is written or any worker started."""
-    if not (c.plan.checkpoint and os.path.isdir(c.plan.checkpoint)):
+def _check_checkpoint_is_safe(c: compose.Composed) -> None:
+    """The checkpoint to continue from names no code to run: read here (weights-only, its tensors mapped
+    rather than read; for a sharded one its ``.metadata``) before anything is written or any worker started."""
+    if not c.plan.checkpoint:
         return
     from trainer import namespace
 
     namespace.select(c.namespace or namespace.DEFAULT)  # trainer.checkpoint.io is Lightning code of ours
-    from trainer.checkpoint.io import UnsafeCheckpoint, read_dcp_metadata
+    from trainer.checkpoint.io import UnsafeCheckpoint, load_file, read_dcp_metadata
 
+    path = Path(c.plan.checkpoint)
     try:
-        read_dcp_metadata(Path(c.plan.checkpoint) / ".metadata")
+        if path.is_dir():
+            read_dcp_metadata(path / ".metadata")
+        else:
+            load_file(path, mmap=True, map_location="cpu")
     except UnsafeCheckpoint as err:
         raise ConfigError(
             "resume", c.plan.checkpoint, f"a checkpoint that runs no code when loaded ({err})"
