@@ -86,6 +86,48 @@ def test_plan_fresh_done_resume(tmp_path):
     assert state["attempts"][0]["overrides"] == ["a=1"] and state["summary"] == {"steps": 10}
 
 
+def test_a_rerun_with_nothing_saved_says_so_and_all_invalid_checkpoints_are_refused(tmp_path):
+    paths = rundir.RunPaths("r", tmp_path / "r")
+    rundir.start(paths, CFG, [], rundir.Plan("fresh"), seed=1, world_size=1)  # then killed before any save
+    plan = rundir.plan(paths, CFG, "auto")
+    assert plan.action == "fresh"
+    assert plan.notes == (
+        "the earlier attempt (running) saved no checkpoint: training starts again from step 0",
+    )
+    fake_checkpoint(paths.checkpoints, 10).write_bytes(b"wei")  # progress, but not one valid checkpoint
+    with pytest.raises(ConfigError, match=r"none of its 1 checkpoint\(s\) is valid \(newest: step-00000010.ckpt: "
+                       r"truncated.*move .*checkpoints aside"):  # fmt: skip
+        rundir.plan(paths, CFG, "auto")
+    (tmp_path / "file").write_text("x")
+    with pytest.raises(ConfigError, match=r"run.dir=.*file: expected a directory \(this is a file\)"):
+        rundir.plan(rundir.RunPaths("f", tmp_path / "file"), CFG, "auto")
+
+
+def test_every_preset_and_the_default_keep_a_checkpoint_policy():
+    """README's promise that a killed run continues: each preset saves by step count or by time."""
+    from hydra import compose as hydra_compose
+
+    from trainer.config import compose
+
+    presets = [p.stem for p in Path(compose.conf_dir(), "experiment").glob("*.yaml")]
+    assert len(presets) >= 3
+    with compose.session():
+        for overrides in [[], *([f"experiment={name}"] for name in presets)]:
+            checkpoint = hydra_compose("train", overrides=overrides).checkpoint
+            assert checkpoint.every_n_steps > 0 or checkpoint.every_n_minutes, overrides
+
+
+def test_hydra_flags_may_come_after_overrides():
+    from trainer.config.compose import normalize
+
+    assert normalize(["model=mlp", "--config-dir", "d", "data=digits"]) == [
+        "--config-dir", "d", "model=mlp", "data=digits", "~experiment",
+    ]  # fmt: skip
+    assert normalize(["a=1", "--cfg", "job", "--info", "-m", "--config-name=x", "b=2"]) == [
+        "--cfg", "job", "--info", "-m", "--config-name=x", "a=1", "b=2",
+    ]  # fmt: skip
+
+
 def test_corrupt_or_unfinished_newest_checkpoint_falls_back_to_an_older_one(tmp_path):
     from trainer.checkpoint.manifest import find_latest_valid, manifest_path, verify
 
