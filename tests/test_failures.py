@@ -50,6 +50,9 @@ def test_killed_rank_stops_the_whole_job_quickly_and_is_named(tmp_path, env):
     elapsed = time.monotonic() - killed_at
     assert proc.returncode == 128 + signal.SIGKILL, out
     assert f"rank 1 (pid {rank1}) was killed by SIGKILL" in out
+    # the cause is the console's last line; the surviving rank's traceback went to its log file
+    assert out.strip().splitlines()[-1].startswith(f"error: rank 1 (pid {rank1}) was killed by SIGKILL")
+    assert "Traceback" not in out and "Traceback" in (tmp_path / "runs/victim/logs/rank-0.log").read_text()
     assert elapsed < 30, f"took {elapsed:.1f}s to stop"
     for pid in workers:  # no worker left behind
         assert not Path(f"/proc/{pid}").exists() or "zombie" in Path(f"/proc/{pid}/status").read_text()

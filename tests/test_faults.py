@@ -62,11 +62,18 @@ def test_one_writer_per_run_and_a_killed_holder_never_blocks(tmp_path, env):
     assert first.poll() is None  # and did not disturb the first
     first.kill()  # kill -9: its lock goes with it
     first.wait()
+    debris = [
+        run_dir / "checkpoints" / ".step-00000099.ckpt.tmp",
+        run_dir / "checkpoints" / "step-00000098.ckpt.json",
+    ]
+    for path in debris:  # what a save killed half way leaves: a temporary file, a manifest without its file
+        path.write_text("partial")
     rerun = train(
         tmp_path, env, *[a for a in args if a != "trainer.max_steps=100000"], "trainer.max_steps=12"
     )
     assert rerun.returncode == 0, rerun.stdout + rerun.stderr
     assert "resuming one from" in rerun.stdout
+    assert not any(path.exists() for path in debris)  # swept when the run started again
     attempts = state(run_dir)["attempts"]
     assert [a["action"] for a in attempts] == ["fresh", "resume"]  # the refused command is no attempt
 

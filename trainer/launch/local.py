@@ -169,9 +169,9 @@ def run_workers(
 
 
 def _cause(procs: list[subprocess.Popen], log_dir: Path) -> tuple[int, int, str] | None:
-    """The rank that made the run fail, its code and what happened to it: one killed by a signal first; then
-    one stopped, or still running while a failed rank's last words are a timeout (it waited for that one);
-    else the first that failed."""
+    """The rank that made the run fail, its code and what happened to it. In order: one killed by a signal;
+    one that failed of its own error (not of losing a peer); one stopped, or still running while the others
+    gave up on it; else the first that failed."""
     codes = [p.poll() for p in procs]
     failed = [(r, c) for r, c in enumerate(codes) if c not in (None, exits.OK, exits.PREEMPTED)]
     if not failed:
@@ -179,19 +179,26 @@ def _cause(procs: list[subprocess.Popen], log_dir: Path) -> tuple[int, int, str]
     for rank, code in failed:
         if code < 0:
             return rank, code, describe_exit(code)
+    errors = {r: _last_exception(log_dir / f"rank-{r}.log") or "" for r, _ in failed}
+    for rank, code in failed:
+        if not _lost_a_peer(errors[rank]):
+            return rank, code, describe_exit(code)
     first, first_code = failed[0]
-    waited = any("timed out" in (_last_exception(log_dir / f"rank-{r}.log") or "").lower() for r, _ in failed)
     for rank, code in enumerate(codes):
         if code is None:
             stopped = _process_state(procs[rank].pid) in ("T", "t")
-            if stopped or waited:
-                what = "was stopped (SIGSTOP)" if stopped else "was still running"
-                return (
-                    rank,
-                    first_code,
-                    f"stopped answering: it {what} while rank {first} gave up waiting for it",
-                )
+            what = "was stopped (SIGSTOP)" if stopped else "was still running"
+            return rank, first_code, f"stopped answering: it {what} while rank {first} gave up waiting for it"
     return first, first_code, describe_exit(first_code)
+
+
+_PEER_LOST = ("connection reset", "connection closed", "broken pipe", "timed out", "timeout", "gloo/transport",
+              "nccl", "distbackenderror")  # fmt: skip
+"""What a rank's error says when it only failed because another rank was gone or stopped answering."""
+
+
+def _lost_a_peer(error: str) -> bool:
+    return any(word in error.lower() for word in _PEER_LOST)
 
 
 def _last_exception(log: Path) -> str | None:
