@@ -15,7 +15,8 @@ pytestmark = pytest.mark.slow
 def user_project(tmp_path: Path) -> Path:
     """The README's example, copied somewhere outside this project."""
     project = tmp_path / "elsewhere"
-    shutil.copytree(REPO / "examples" / "byo", project)
+    # its sources only: a user may have run the example where it lives (its runs/ are not part of it)
+    shutil.copytree(REPO / "examples" / "byo", project, ignore=shutil.ignore_patterns("runs", "__pycache__"))
     return project
 
 
