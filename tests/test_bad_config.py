@@ -43,10 +43,6 @@ def cases(tmp: Path) -> list[tuple[list[str], str]]:
             "precision=16-mixed: expected 32, bf16-mixed or bf16-true on cpu",
         ),
         (["strategy=ddp", f"trainer.devices={(os.cpu_count() or 1) + 1}"], "expected at most"),
-        (
-            ["trainer.devices=2"],
-            "trainer.devices=2: expected 1 with strategy=auto (use strategy=ddp or strategy=fsdp",
-        ),
         (["trainer.num_nodes=2"], "trainer.num_nodes=2: expected 1 here"),
         (
             ["strategy=fsdp", "strategy.cpu_offload=true", "trainer.accelerator=cpu"],

@@ -33,6 +33,11 @@ def test_two_process_ddp_matches_one_process(cli, text_corpus):
     assert not (ddp.cwd / "outputs").exists()
     # Console output of rank zero only: one summary, one progress bar.
     assert ddp.stdout.count("finished 12 steps on 2 process(es)") == 1
+    # Off a terminal the progress is one plain line per log interval: no redraws, no empty validation bars,
+    # no warning twice.
+    progress = [line for line in ddp.stdout.splitlines() if line.startswith("train: step ")]
+    assert [line.split()[2] for line in progress] == [f"{s}/12" for s in range(1, 13)], ddp.stdout
+    assert "\r" not in ddp.output and "Validation" not in ddp.output and "srun" not in ddp.output
 
     one, two = read_metrics(single.cwd / "runs" / "single"), read_metrics(ddp.cwd / "runs" / "ddp")
     assert [r["step"] for r in two] == [str(s) for s in range(1, 13)]  # one row per step, written once

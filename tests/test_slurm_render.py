@@ -66,8 +66,6 @@ def test_sweep_array_matches_golden_file(cli, tmp_path):
     ("args", "expected"),
     [
         (["cluster=local"], "cluster=local: expected a SLURM cluster profile"),
-        (["cluster=slurm", "trainer.devices=2"], "trainer.devices=2: expected 1 with strategy=auto"),
-        (["cluster=slurm", "trainer.num_nodes=2"], "trainer.num_nodes=2: expected 1 with strategy=auto"),
         (["cluster=slurm", "strategy=ddp", "trainer.devices=2", "cluster.sbatch=['--ntasks-per-node=4']"],
          "--ntasks-per-node comes from trainer.devices"),
         (["cluster=slurm", "strategy=ddp", "trainer.num_nodes=2", "cluster.sbatch=['-N3']"],
@@ -173,3 +171,16 @@ def test_a_sweep_over_numbered_config_files_keeps_them_files(cli, tmp_path):
     )
     assert res.returncode == 0, res.output
     assert "precision='\"'\"'32'\"'\"''" in res.stdout and "precision=bf16-mixed" in res.stdout
+
+
+@pytest.mark.unit
+def test_several_devices_or_nodes_with_strategy_auto_mean_ddp():
+    """As Lightning's own ``auto`` does; the run's config records the choice (and `trainer submit --help`'s
+    first example, four devices with the default strategy, is accepted)."""
+    from trainer.config.compose import compose, session
+
+    with session():
+        for overrides in (["trainer.num_nodes=2"], ["trainer.devices=4"]):
+            c = compose(["cluster=slurm", *overrides], where="cluster")
+            assert c.conf.strategy.name == "ddp" and c.resolved["strategy"]["name"] == "ddp", overrides
+        assert compose(["cluster=slurm"], where="cluster").conf.strategy.name == "auto"

@@ -30,7 +30,7 @@ from trainer.files import read_json
 from trainer.loop import FinalValidation
 from trainer.metrics.csv_logger import CSVMetricsLogger
 from trainer.metrics.names import ConfiguredMetrics
-from trainer.metrics.progress import StepProgressBar
+from trainer.metrics.progress import progress_for
 from trainer.metrics.throughput import ThroughputMonitor
 from trainer.metrics.wandb_logger import SafeWandbLogger, build_wandb_logger
 from trainer.namespace import fabric_module, pl, pl_module
@@ -42,6 +42,9 @@ log = logging.getLogger("trainer")
 
 # Lightning 2.6 calls a torch pytree API that torch 2.13 deprecates; nothing for users to act on.
 warnings.filterwarnings("ignore", message=r".*isinstance\(treespec, LeafSpec\)")
+# Lightning's hint to prefix `srun` wherever SLURM's client is installed, given twice per run; the launching is
+# ours (local workers, or srun under `trainer submit`), so there is nothing to act on.
+warnings.filterwarnings("ignore", message=r"The `srun` command is available on your system but is not used")
 
 
 class _DropAdverts(logging.Filter):
@@ -184,7 +187,7 @@ def build_trainer(
     callbacks: list[pl.Callback] = [monitor, checkpointer, FinalValidation(), ConfiguredMetrics(names)]
     callbacks += own_callbacks
     if trainer.enable_progress_bar:
-        callbacks.append(StepProgressBar(trainer.log_every_n_steps))
+        callbacks.append(progress_for(trainer.log_every_n_steps))
     if os.environ.get(OPTUNA_ENV):  # a trial of an Optuna sweep: report the objective, stop when pruned
         from trainer.sweep.pruning import OptunaPruning
 
@@ -387,6 +390,11 @@ def summarise(
         "val_loss": val,
         "validation": {k: logged[k] for k in shown},
         "samples_per_sec": mean("train/samples_per_sec"),
+        # every sample of this attempt over its whole time (start-up, validation and saves included)
+        "samples_per_sec_wall": monitor.trained_samples * trainer.world_size / seconds
+        if seconds > 0
+        else None,
+        "log_every_n_steps": monitor.log_every_n_steps,
         "tokens_per_sec": mean("train/tokens_per_sec"),
         "mfu": mean("train/mfu"),
         "data_wait_frac": mean("train/data_wait_frac"),
@@ -403,20 +411,37 @@ def summarise(
 
 
 def print_summary(s: dict) -> None:
-    def num(value: float | None, fmt: str) -> str:
-        return "n/a" if value is None else format(value, fmt)
+    """The closing summary. Each throughput figure says what it is over; what was not measured (a run shorter
+    than one log interval) is said so, and only files that exist are named."""
 
+    def num(value: float, fmt: str) -> str:
+        return format(value, fmt)
+
+    if s["samples_per_sec"] is not None:
+        speed = f"  throughput {num(s['samples_per_sec'], ',.0f')} samples/s in steps"
+        if s["tokens_per_sec"] is not None:
+            speed += f" ({num(s['tokens_per_sec'], ',.0f')} tokens/s)"
+    else:
+        speed = f"  throughput in steps not measured (fewer steps than one log interval, {s['log_every_n_steps']})"
+    if s.get("samples_per_sec_wall") is not None:
+        speed += f"; {num(s['samples_per_sec_wall'], ',.0f')} samples/s over the wall time"
+    extra = []
+    if s["mfu"] is not None:
+        extra.append(f"MFU {s['mfu'] * 100:.1f}% (peak: {s['peak_source']})")
+    if s["data_wait_frac"] is not None:
+        extra.append(f"data wait {s['data_wait_frac'] * 100:.1f}%")
+    train_loss = "n/a" if s["train_loss"] is None else num(s["train_loss"], ".4f")
     lines = [
         f"finished {s['steps']} steps on {s['world_size']} process(es) in {s['wall_time_s']:.1f} s",
-        f"  train loss {num(s['train_loss'], '.4f')}"
+        f"  train loss {train_loss}"
         + "".join(f"   {k} {num(v, '.4f')}" for k, v in s["validation"].items())
         + ("" if s["validation"] else "   no validation metric"),
-        f"  throughput {num(s['samples_per_sec'], ',.0f')} samples/s"
-        + (f"   {num(s['tokens_per_sec'], ',.0f')} tokens/s" if s["tokens_per_sec"] is not None else "")
-        + f"   MFU {num(s['mfu'] and s['mfu'] * 100, '.1f')}% (peak: {s['peak_source']})"
-        f"   data wait {num(s['data_wait_frac'] and s['data_wait_frac'] * 100, '.1f')}%",
-        f"  run dir     {s['run_dir']}",
-        f"  metrics     {s['metrics']}",
-        f"  checkpoint  {s['checkpoint']}",
+        speed,
     ]
+    if extra:
+        lines.append("  " + "   ".join(extra))
+    lines.append(f"  run dir     {s['run_dir']}")
+    for label, key in (("metrics", "metrics"), ("checkpoint", "checkpoint")):
+        if os.path.exists(s[key]):
+            lines.append(f"  {label:<11} {s[key]}")
     print("\n".join(lines), flush=True)

@@ -245,6 +245,9 @@ def check(
     targets.check_signatures(cfg)
     model_gets = targets.wire_optimizer(cfg, task)
     conf, trainer_flags = to_typed(cfg)
+    if conf.strategy.name == "auto" and conf.trainer.devices * conf.trainer.num_nodes > 1:
+        # What Lightning's own "auto" picks for several devices; config.yaml records the choice.
+        conf.strategy.name = cfg.strategy.name = "ddp"
     if conf.sweep.direction is None:  # the objective's direction follows the checkpoint metric's mode
         conf.sweep.direction = "maximize" if conf.checkpoint.mode == "max" else "minimize"
         cfg.sweep.direction = conf.sweep.direction

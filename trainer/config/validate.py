@@ -189,17 +189,10 @@ def check_for_cluster(conf: TrainConfig) -> str:
 
 def _check_portable(conf: TrainConfig) -> None:
     """What must hold wherever the run trains."""
-    strategy, trainer = conf.strategy, conf.trainer
+    strategy = conf.strategy
     if strategy.name == "fsdp" and str(conf.precision.value) == "16-mixed":
         # FSDP2 with fp16 needs a sharded gradient scaler that Lightning's ModelParallelStrategy lacks.
         raise ConfigError("precision", "16-mixed", "32, bf16-mixed or bf16-true with strategy=fsdp")
-    if trainer.devices * trainer.num_nodes > 1 and strategy.name == "auto":
-        key, value = (
-            ("trainer.devices", trainer.devices)
-            if trainer.devices > 1
-            else ("trainer.num_nodes", trainer.num_nodes)
-        )
-        raise ConfigError(key, value, "1 with strategy=auto (use strategy=ddp or strategy=fsdp for more)")
     _check_text_corpus(conf)
     if conf.resume not in ("auto", "never") and not os.path.exists(conf.resume):
         raise ConfigError("resume", conf.resume, "auto, never or the path of an existing checkpoint")

@@ -29,6 +29,8 @@ class ThroughputMonitor(pl.Callback):
         self.peak_flops: float | None = None
         self.peak_source = ""
         self.history: list[dict[str, float]] = []  # every logged row, for the closing summary
+        self.trained_samples = 0
+        """Samples this rank trained on in this attempt (for the throughput over the whole wall time)."""
         self._reset_window()
         self._last_batch_end: float | None = None
         self._last_step: int | None = None
@@ -69,6 +71,7 @@ class ThroughputMonitor(pl.Callback):
             self._loss_sum += float(loss.detach()) * trainer.accumulate_grad_batches
             self._loss_count += 1
         self._samples += _batch_size(batch)
+        self.trained_samples += _batch_size(batch)
         step = trainer.global_step
         for logger in trainer.loggers:
             if isinstance(logger, RunLogger):
