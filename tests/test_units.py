@@ -337,3 +337,22 @@ def test_fsdp_units_and_roots_of_a_module():
 
     with pytest.raises(ValueError, match=r"Layers.layers is a ModuleList called entry by entry"):
         _roots(Layers())
+
+
+def test_status_finds_runs_in_subfolders_and_counts_local_restarts(tmp_path, capsys):
+    from trainer.status import main as status_main
+
+    for where, attempts in (("runs/a", 1), ("runs/debug/b", 3)):
+        run = tmp_path / where
+        run.mkdir(parents=True)
+        (run / "run.json").write_text(json.dumps({"name": run.name, "status": "finished",
+                                                  "attempts": [{}] * attempts}))  # fmt: skip
+    (tmp_path / "runs/debug/b/logs").mkdir()
+    (tmp_path / "runs/debug/b/logs/rank-0.log").write_text("")
+    assert status_main([str(tmp_path / "runs")]) == 0
+    rows = [line.split() for line in capsys.readouterr().out.splitlines()]
+    assert rows[0][:3] == ["RUN", "STATE", "RESTARTS"]
+    assert [r[:3] for r in rows[1:]] == [["a", "finished", "0"], ["debug/b", "finished", "2"]]
+    assert status_main([str(tmp_path / "runs/debug/b")]) == 0
+    out = capsys.readouterr().out
+    assert "restarts   2" in out and f"log        {tmp_path}/runs/debug/b/logs/rank-0.log" in out

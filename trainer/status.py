@@ -33,6 +33,11 @@ def run_status(run_dir: Path, extra: tuple[str, ...] = ()) -> dict:
         "state": state.get("status"),
     }
     info.update(rundir.last_metrics(run_dir / rundir.METRICS_FILE, ("train/loss", "val/loss", *extra)))
+    # Local runs: each command that continued the run is an attempt; a multi-process run logs each rank.
+    info["restarts"] = max(0, len(state.get("attempts", [])) - 1) if state else None
+    rank_log = run_dir / rundir.LOGS_DIR / "rank-0.log"
+    if rank_log.is_file():
+        info["log"] = str(rank_log)
     if jobs:
         job = jobs[-1]
         info["job"], info["log"] = job["job_id"], job.get("log")
@@ -59,8 +64,8 @@ def print_table(rows: list[dict], first: str = "RUN", metric: str | None = None)
     """One line per run; the job columns only where some run has a SLURM job."""
     columns = [(first, lambda r: r.get("label", r["name"])), ("STATE", lambda r: fmt(r.get("state")))]
     if any(r.get("job") for r in rows):
-        columns += [("JOB", lambda r: fmt(r.get("job"))), ("JOB STATE", lambda r: fmt(r.get("job_state"))),
-                    ("RESTARTS", lambda r: fmt(r.get("restarts")))]  # fmt: skip
+        columns += [("JOB", lambda r: fmt(r.get("job"))), ("JOB STATE", lambda r: fmt(r.get("job_state")))]
+    columns += [("RESTARTS", lambda r: fmt(r.get("restarts")))]
     columns += [("STEP", lambda r: fmt(r.get("step"))), ("TRAIN LOSS", lambda r: fmt(r.get("train/loss"), ".4f")),
                 ("VAL LOSS", lambda r: fmt(r.get("val/loss"), ".4f"))]  # fmt: skip
     if metric and metric not in ("train/loss", "val/loss"):
@@ -80,6 +85,8 @@ def show_run(run_dir: Path) -> None:
         reason = f"  reason {r['reason']}" if r.get("reason") else ""
         print(f"  job        {r['job']}  {fmt(r.get('job_state'), '') if r.get('job_state') else 'unknown to the scheduler'}"
               f"{extra if r.get('job_state') else ''}{reason}")  # fmt: skip
+    if not r.get("job"):
+        print(f"  restarts   {fmt(r.get('restarts'))}")
     print(f"  step       {fmt(r.get('step'))}   train/loss {fmt(r.get('train/loss'), '.4f')}"
           f"   val/loss {fmt(r.get('val/loss'), '.4f')}")  # fmt: skip
     if r.get("log"):
@@ -102,6 +109,22 @@ def show_sweep(sweep_dir: Path) -> None:
     print_table(rows, first="TRIAL", metric=metric)
 
 
+def find(folder: Path, depth: int = 3) -> tuple[list[Path], list[Path]]:
+    """The runs and sweeps in ``folder`` and in its plain subfolders (``runs/debug/``), not inside either."""
+    runs: list[Path] = []
+    sweeps: list[Path] = []
+    for path in sorted(p for p in folder.iterdir() if p.is_dir() and not p.name.startswith((".", "_"))):
+        if (path / sweep_ledger.FILE).is_file():
+            sweeps.append(path)
+        elif (path / rundir.STATE_FILE).is_file() or rundir.jobs_file(path).is_file():
+            runs.append(path)
+        elif depth > 1:
+            more_runs, more_sweeps = find(path, depth - 1)
+            runs += more_runs
+            sweeps += more_sweeps
+    return runs, sweeps
+
+
 def main(argv: list[str]) -> int:
     if any(a in ("-h", "--help") for a in argv):
         print(USAGE, end="")
@@ -114,11 +137,9 @@ def main(argv: list[str]) -> int:
         elif (target / rundir.STATE_FILE).is_file() or rundir.jobs_file(target).is_file():
             show_run(target)
         elif target.is_dir():
-            runs = sorted(p for p in target.iterdir() if (p / rundir.STATE_FILE).is_file()
-                          or rundir.jobs_file(p).is_file())  # fmt: skip
-            sweeps = sorted(p for p in target.iterdir() if (p / sweep_ledger.FILE).is_file())
+            runs, sweeps = find(target)
             if runs:
-                print_table([run_status(p) for p in runs])
+                print_table([{**run_status(p), "label": str(p.relative_to(target))} for p in runs])
             for s in sweeps:
                 show_sweep(s)
             if not runs and not sweeps:
