@@ -89,6 +89,17 @@ def cases(tmp: Path) -> list[tuple[list[str], str]]:
             "logger.wandb.mode=cloud: expected one of offline, online, disabled",
         ),
         (["logger=mlflow"], "logger=mlflow: unknown option; expected one of csv, tensorboard, wandb"),
+        # the typed entries the YAML files build on are not options; a key is given once
+        (["model=gpt_schema"], "model=gpt_schema: expected one of gpt, mlp"),
+        (
+            ["optim.lr=1e-3", "optim.lr=2e-3"],
+            "optim.lr=2e-3: expected one value (the command line also gives optim.lr=1e-3)",
+        ),  # fmt: skip
+        (
+            ["cluster.env.FOO=1"],
+            "cluster.env.FOO: unknown key; expected an existing key (`trainer train --cfg job` "
+            "lists them), or +cluster.env.FOO=... to add one",
+        ),  # fmt: skip
     ]
 
 

@@ -117,8 +117,12 @@ def test_every_preset_and_the_default_keep_a_checkpoint_policy():
             assert checkpoint.every_n_steps > 0 or checkpoint.every_n_minutes, overrides
 
 
-def test_hydra_flags_may_come_after_overrides():
+def test_hydra_flags_may_come_after_overrides_and_option_lists_need_no_quotes():
     from trainer.config.compose import normalize
+
+    assert normalize(["cluster.sbatch=[--mem-per-cpu=3G,-N2]", "model.hidden=[32,64]", "b=[[1],[2]]"]) == [
+        "cluster.sbatch=['--mem-per-cpu=3G','-N2']", "model.hidden=[32,64]", "b=[[1],[2]]",
+    ]  # fmt: skip
 
     assert normalize(["model=mlp", "--config-dir", "d", "data=digits"]) == [
         "--config-dir", "d", "model=mlp", "data=digits", "~experiment",

@@ -22,6 +22,7 @@ from omegaconf import DictConfig, OmegaConf, open_dict
 
 from trainer import rundir
 from trainer.config import schema
+from trainer.config.errors import ConfigError
 
 PLAN_ENV = "TRAINER_PLAN"
 """Set by the local launcher for the workers it starts: its decision about the run directory (fresh or
@@ -93,10 +94,27 @@ def _is_override(arg: str) -> bool:
     return arg.startswith(("+", "~")) or ("=" in arg and not arg.startswith("-"))
 
 
+def quote_option_lists(args: list[str]) -> list[str]:
+    """``cluster.sbatch=[--mem-per-cpu=3G]``: list items that are command-line options (``-x``, ``a=b``) are
+    quoted, which Hydra's grammar needs (unquoted it fails with "no viable alternative")."""
+    out = []
+    for arg in args:
+        key, sep, value = arg.partition("=")
+        inner = value[1:-1]
+        # a flat list of plain words only: quoted or nested lists are left to Hydra as written
+        if sep and value.startswith("[") and value.endswith("]") and not any(c in inner for c in "'\"[]"):
+            items = [item.strip() for item in inner.split(",")] if inner.strip() else []
+            if any(item.startswith("-") or "=" in item for item in items):
+                arg = f"{key}=[" + ",".join(f"'{item}'" for item in items) + "]"
+        out.append(arg)
+    return out
+
+
 def normalize(args: list[str]) -> list[str]:
-    """The command line as Hydra must see it: its flags first, numeric group choices quoted, and the default
-    preset left out when the user picks another model or data without a preset (conf/train.yaml)."""
-    args = flags_first(quote_numeric_choices(args))
+    """The command line as Hydra must see it: its flags first, numeric group choices and option lists
+    quoted, and the default preset left out when the user picks another model or data without a preset
+    (conf/train.yaml)."""
+    args = flags_first(quote_option_lists(quote_numeric_choices(args)))
     keys = [a.split("=", 1)[0].lstrip("+~") for a in args if _is_override(a)]
     if "experiment" not in keys and any(k in ("model", "data") for k in keys):
         args = [*args, "~experiment"]
@@ -236,6 +254,7 @@ def check(
     )
 
     choices, task = hydra_node.runtime.choices, list(hydra_node.overrides.task)
+    _check_choices_and_repeats(choices, task)
     if run_root is not None:
         with open_dict(cfg):
             cfg.run.root = str(run_root)
@@ -281,3 +300,21 @@ def replan(c: Composed) -> Composed:
     """``c`` with its plan made again from what is on disk now (once the run directory is locked: the plan
     made before may have been read while another process was still writing there)."""
     return dataclasses.replace(c, plan=_plan(c.conf, c.resolved, c.paths))
+
+
+def _check_choices_and_repeats(choices: Any, task: list[str]) -> None:
+    """A group option is one of its YAML files (the typed ``*_schema`` entries are what those files build on,
+    not options); a key is given once (Hydra would silently take the last)."""
+    for group, choice in choices.items():
+        if isinstance(choice, str) and choice.endswith("_schema") and not group.startswith("hydra"):
+            folder = Path(conf_dir(), group)
+            options = sorted(p.stem for p in folder.glob("*.yaml")) if folder.is_dir() else []
+            raise ConfigError(group, choice, "one of " + ", ".join(options) if options else "a config file")
+    seen: dict[str, str] = {}
+    for override in task:
+        key = _key(override)
+        if key in seen and "=" in override:
+            raise ConfigError(
+                key, override.split("=", 1)[1], f"one value (the command line also gives {seen[key]})"
+            )
+        seen[key] = override

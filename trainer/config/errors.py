@@ -90,7 +90,8 @@ def describe(exc: BaseException) -> str | None:
                 return ConfigError.unknown_key(
                     key, parent, [f.name for f in dataclasses.fields(schema)]
                 ).line()
-            return f"{key}: unknown key; expected an existing key (`trainer train --cfg job` lists them)"
+            return (f"{key}: unknown key; expected an existing key (`trainer train --cfg job` lists them), or "
+                    f"+{key}=... to add one")  # fmt: skip
         if isinstance(err, ValidationError):
             msg = str(err).splitlines()[0]
             m = re.search(r"could not be converted to (\w+)", msg)
