@@ -35,6 +35,15 @@ def _preset(path: Path) -> object:
 PRESETS = [_preset(p) for p in sorted((Path(conf_dir()) / "experiment").glob("*.yaml"))]
 
 
+def test_a_smoke_run_runs_again_each_time(cli):
+    """A smoke run is for re-checking the code after an edit: the same command twice is two runs."""
+    first, second = (cli("train", "experiment=digits_mlp", "debug=smoke") for _ in range(2))
+    assert first.returncode == 0 and second.returncode == 0, first.output + second.output
+    assert "already finished" not in second.output and "finished 1 steps" in second.output
+    names = [p.name for p in second.run_dirs("runs/debug")]
+    assert len(names) == 2 and names[1] == names[0] + "-2", names
+
+
 @pytest.mark.parametrize("preset", PRESETS)
 def test_every_preset_runs_one_batch(cli, preset):
     result = cli("train", f"experiment={preset}", "debug=smoke")

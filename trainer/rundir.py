@@ -143,6 +143,15 @@ def resolve_paths(cfg: dict, experiment: str | None) -> RunPaths:
     return RunPaths(name=name, dir=directory)
 
 
+def next_free(paths: RunPaths) -> RunPaths:
+    """``paths``, or the first ``<name>-N`` beside it (N = 2, 3, ...) that holds no run yet."""
+    candidate, n = paths, 1
+    while candidate.dir.exists() and any(p.name not in NOT_A_RUN for p in candidate.dir.iterdir()):
+        n += 1
+        candidate = RunPaths(f"{paths.name}-{n}", paths.dir.with_name(f"{paths.dir.name}-{n}"))
+    return candidate
+
+
 @dataclass(frozen=True)
 class Plan:
     """What a run does with its directory."""

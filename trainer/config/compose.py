@@ -275,6 +275,8 @@ def check(
     check_finite(resolved)
     experiment = choices.get("experiment")
     paths = rundir.resolve_paths(resolved, experiment)
+    if conf.run.new_each_time and not conf.run.dir:  # (the processes a run starts get its dir spelled out)
+        paths = rundir.next_free(paths)
     if absolute:
         paths = rundir.RunPaths(paths.name, Path(os.path.abspath(paths.dir)))
     if PLAN_ENV in os.environ:  # a worker started by our own launcher: it already decided

@@ -61,6 +61,10 @@ class RunConfig:
     """Folder that holds run directories (relative to the current directory unless absolute)."""
     dir: str | None = None
     """The run directory. Default: ``<root>/<name>``."""
+    new_each_time: bool = False
+    """Each command is a new run (``debug=smoke`` sets it, so a smoke run re-checks the code after every edit):
+    when ``<root>/<name>`` already holds a run, the next free ``<name>-2``, ``<name>-3``, ... is used. Such
+    runs are never continued."""
 
 
 # ---------------------------------------------------------------------------------------------- model
