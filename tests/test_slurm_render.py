@@ -184,3 +184,16 @@ def test_several_devices_or_nodes_with_strategy_auto_mean_ddp():
             c = compose(["cluster=slurm", *overrides], where="cluster")
             assert c.conf.strategy.name == "ddp" and c.resolved["strategy"]["name"] == "ddp", overrides
         assert compose(["cluster=slurm"], where="cluster").conf.strategy.name == "auto"
+
+
+@pytest.mark.slow
+def test_dry_run_of_a_finished_run_still_renders_and_checks(cli):
+    """`trainer --help`'s example `trainer submit --dry-run cluster=slurm` after the run has finished here."""
+    args = ["experiment=digits_mlp", "trainer.max_steps=2", "trainer.accelerator=cpu"]
+    assert cli("train", *args).returncode == 0
+    real = cli("submit", "cluster=slurm", *args, env=NO_SCHEDULER)
+    assert real.returncode == 0 and "nothing to submit: every run is finished" in real.stderr, real.output
+    dry = cli("submit", "--dry-run", "cluster=slurm", *args, env=NO_SCHEDULER)
+    assert dry.returncode == 0, dry.output
+    assert dry.stdout.startswith("#!/bin/bash") and "trainer train" in dry.stdout
+    assert "every run is finished: a submit would send nothing" in dry.stderr

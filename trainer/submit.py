@@ -169,7 +169,11 @@ def prepare(opts: Options) -> Submission | None:
         )
         todo.append(trials[-1])
     if not todo:
-        return Submission(None, "", notes, sweep_dir, trials, *sweep_facts)  # type: ignore[arg-type]
+        if not opts.dry_run:
+            return Submission(None, "", notes, sweep_dir, trials, *sweep_facts)  # type: ignore[arg-type]
+        # A dry run still shows and checks what would be sent, were the runs not finished.
+        notes.append("every run is finished: a submit would send nothing; this is the job it would send otherwise")
+        todo = list(trials)
 
     cluster = base.cluster
     tasks_per_node = base.trainer.devices
