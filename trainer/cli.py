@@ -5,6 +5,8 @@ trainer submit [overrides]          the same run (or a -m sweep) as a SLURM job
 trainer status [run or sweep dir]   where runs and their jobs stand
 trainer report <sweep or run dir>   a table and PNG plots
 trainer export <run or checkpoint>  one consolidated weights file (e.g. from a sharded FSDP checkpoint)
+trainer sample <run>                text from a run's language model
+trainer evaluate <run>              a run's validation metrics from its newest checkpoint
 """
 
 from __future__ import annotations
@@ -22,6 +24,8 @@ commands:
   status    runs, sweeps and their SLURM jobs: state, restarts, last step and metric, logs
   report    a sweep's trials sorted by the objective, with PNG plots; or one run's curves
   export    a run's checkpoint (FSDP shards included) as one weights file for inference
+  sample    text from a run's language model (`trainer sample runs/<name> --prompt "def "`)
+  evaluate  a run's validation metrics (a classifier's accuracy) from its newest checkpoint
 
 examples:
   trainer train                                   # the default experiment: a small GPT on CPU
@@ -35,11 +39,13 @@ examples:
   trainer report runs/sweep-gpt_quickstart-<hash>  # trials sorted by val/loss, plots
   trainer train strategy=fsdp trainer.devices=2   # 2-process fully sharded data parallel
   trainer export runs/<name>                      # its newest checkpoint as one file
+  trainer sample runs/<name> --prompt "def "      # what the quickstart's GPT writes
+  trainer evaluate runs/<name>                    # e.g. val/acc of experiment=digits_mlp
 
 exit codes: 0 success, 2 bad configuration or usage, other: the training failed (see its output)
 """
 
-COMMANDS = ("train", "submit", "status", "report", "export")
+COMMANDS = ("train", "submit", "status", "report", "export", "sample", "evaluate")
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -72,6 +78,10 @@ def main(argv: list[str] | None = None) -> int:
         from trainer.export import main as export_main
 
         return export_main(rest)
+    if command in ("sample", "evaluate"):
+        from trainer.use import main as use_main
+
+        return use_main(rest, command)
     print(
         f"error: command {command!r}: expected one of {', '.join(COMMANDS)} (see `trainer --help`)",
         file=sys.stderr,

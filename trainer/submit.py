@@ -172,7 +172,9 @@ def prepare(opts: Options) -> Submission | None:
         if not opts.dry_run:
             return Submission(None, "", notes, sweep_dir, trials, *sweep_facts)  # type: ignore[arg-type]
         # A dry run still shows and checks what would be sent, were the runs not finished.
-        notes.append("every run is finished: a submit would send nothing; this is the job it would send otherwise")
+        notes.append(
+            "every run is finished: a submit would send nothing; this is the job it would send otherwise"
+        )
         todo = list(trials)
 
     cluster = base.cluster
