@@ -49,6 +49,7 @@ def test_offline_run_has_config_metrics_and_no_secret(tmp_path, env):
         tmp_path, env, *DIGITS, "trainer.max_steps=40", "run.name=wb", "logger.wandb.log_checkpoint=true"
     )
     assert result.returncode == 0, result.stdout + result.stderr
+    assert "anonymous setting" not in result.stdout + result.stderr  # no W&B warning on every run
     run_dir = tmp_path / "runs" / "wb"
     (offline,) = offline_runs(run_dir)
     summary, history = inspect(offline, env)

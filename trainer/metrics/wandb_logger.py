@@ -34,6 +34,8 @@ class SafeWandbLogger(pl.loggers.WandbLogger):
 
     def __init__(self, *args: Any, **kwargs: Any) -> None:
         super().__init__(*args, **kwargs)
+        # Lightning passes anonymous=None to wandb.init, which W&B now answers with a warning on every run.
+        self._wandb_init.pop("anonymous", None)
         self.failed: str | None = None
         self.current_step: int | None = None  # the optimizer step, set by the throughput monitor
 
