@@ -98,6 +98,8 @@ def test_hydra_help_lists_the_groups(capsys):
     out = capsys.readouterr().out
     for group in ("model", "data", "strategy", "precision", "experiment"):
         assert f"{group}:" in out
+    # the options are the YAML files; the typed entries they build on are not listed (nor accepted)
+    assert "model: gpt, mlp\n" in out and "_schema" not in out
 
 
 def test_numeric_group_choice_is_a_file_name(capsys):

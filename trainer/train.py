@@ -10,9 +10,11 @@ from __future__ import annotations
 
 import contextlib
 import dataclasses
+import io
 import json
 import logging
 import os
+import re
 import sys
 from collections.abc import Callable, Iterator
 from pathlib import Path
@@ -59,9 +61,21 @@ def cli_main(args: list[str]) -> int:
     schema.register()
     main = hydra.main(version_base="1.3", config_path=compose.conf_dir(), config_name="train")(run)
     try:
+        if "--help" in args or "-h" in args:
+            return _help(main)
         return _main(main)
     finally:
         runlock.release()
+
+
+def _help(main: Callable[[], None]) -> int:
+    """Hydra's --help, without the typed ``*_schema`` entries among the group options: the YAML files build on
+    them, they are not options (``model=gpt_schema`` is refused)."""
+    out = io.StringIO()
+    with contextlib.redirect_stdout(out):
+        code = _main(main)
+    print(re.sub(r", \w+_schema(?=,|$)", "", out.getvalue(), flags=re.MULTILINE), end="")
+    return code
 
 
 def _main(main: Callable[[], None]) -> int:
