@@ -89,12 +89,8 @@ def cases(tmp: Path) -> list[tuple[list[str], str]]:
             "logger.wandb.mode=cloud: expected one of offline, online, disabled",
         ),
         (["logger=mlflow"], "logger=mlflow: unknown option; expected one of csv, tensorboard, wandb"),
-        # the typed entries the YAML files build on are not options; a key is given once
+        # the typed entries the YAML files build on are not options
         (["model=gpt_schema"], "model=gpt_schema: expected one of gpt, mlp"),
-        (
-            ["optim.lr=1e-3", "optim.lr=2e-3"],
-            "optim.lr=2e-3: expected one value (the command line also gives optim.lr=1e-3)",
-        ),  # fmt: skip
         (
             ["cluster.env.FOO=1"],
             "cluster.env.FOO: unknown key; expected an existing key (`trainer train --cfg job` "
@@ -152,3 +148,12 @@ def test_changed_model_in_an_existing_run_names_the_keys(tmp_path, monkeypatch, 
     assert main(["train", "run.name=mine", "trainer.accelerator=cpu"]) == 2
     err = capsys.readouterr().err
     assert "model.n_layer" in err and err.count("\n") == 1
+
+
+def test_a_key_given_twice_takes_the_last_and_says_so(caplog):
+    from trainer.config.compose import compose, session
+
+    with session():
+        c = compose(["optim.lr=1e-3", "optim.lr=2e-3", "cluster=slurm"], where="cluster")
+    assert c.resolved["optim"]["lr"] == 0.002
+    assert "optim.lr is given twice: optim.lr=2e-3 is used (the last)" in caplog.text

@@ -13,6 +13,7 @@ from __future__ import annotations
 import contextlib
 import dataclasses
 import json
+import logging
 import os
 from collections.abc import Iterator
 from pathlib import Path
@@ -306,7 +307,8 @@ def replan(c: Composed) -> Composed:
 
 def _check_choices_and_repeats(choices: Any, task: list[str]) -> None:
     """A group option is one of its YAML files (the typed ``*_schema`` entries are what those files build on,
-    not options); a key is given once (Hydra would silently take the last)."""
+    not options). A key given twice takes its last value, as in Hydra (scripts put a base command first and
+    their changes after it), and rank zero says so."""
     for group, choice in choices.items():
         if isinstance(choice, str) and choice.endswith("_schema") and not group.startswith("hydra"):
             folder = Path(conf_dir(), group)
@@ -315,8 +317,6 @@ def _check_choices_and_repeats(choices: Any, task: list[str]) -> None:
     seen: dict[str, str] = {}
     for override in task:
         key = _key(override)
-        if key in seen and "=" in override:
-            raise ConfigError(
-                key, override.split("=", 1)[1], f"one value (the command line also gives {seen[key]})"
-            )
+        if key in seen and "=" in override and seen[key] != override and env_rank() == 0:
+            logging.getLogger("trainer").warning("%s is given twice: %s is used (the last)", key, override)
         seen[key] = override
