@@ -153,7 +153,7 @@ def prepare(opts: Options) -> Submission | None:
             extra.append(f"logger.wandb.group={sweep_dir.name}")  # one W&B group per sweep
         own = sweep.own(i) if sweep else []
         trials.append(slurm.Trial(i, own, pinned_args(c, opts.config_dir, extra), c.paths.name, c.paths.dir))
-        notes += [f"{c.paths.name}: {n}" for n in c.plan.notes]
+        notes += [f"{c.paths.name}: {n}" for n in (*c.notes, *c.plan.notes)]
         if c.plan.action == "done":
             notes.append(f"{c.paths.name}: already finished ({c.paths.dir}); not submitted")
             continue

@@ -133,7 +133,7 @@ def _run(cfg: DictConfig) -> None:
                 )
 
     if rank == 0:
-        for note in c.plan.notes:
+        for note in (*c.notes, *c.plan.notes):
             log.warning("%s", note)
     if c.plan.action == "done":
         if rank == 0:

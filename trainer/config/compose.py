@@ -13,7 +13,6 @@ from __future__ import annotations
 import contextlib
 import dataclasses
 import json
-import logging
 import os
 from collections.abc import Iterator
 from pathlib import Path
@@ -200,6 +199,8 @@ class Composed:
     """Lightning Trainer flags beyond the schema's, checked against Lightning's ``Trainer``."""
     model_gets: dict = dataclasses.field(default_factory=dict)
     """Whether the model is given the run's ``optimizer`` and ``scheduler`` (``trainer.config.targets``)."""
+    notes: tuple[str, ...] = ()
+    """One-line remarks about the command line (a key given twice), for the user once the run is good."""
 
     @property
     def own_overrides(self) -> list[str]:
@@ -255,7 +256,7 @@ def check(
     )
 
     choices, task = hydra_node.runtime.choices, list(hydra_node.overrides.task)
-    _check_choices_and_repeats(choices, task)
+    notes = _check_choices_and_repeats(choices, task)
     if run_root is not None:
         with open_dict(cfg):
             cfg.run.root = str(run_root)
@@ -285,7 +286,7 @@ def check(
     else:
         plan = _plan(conf, resolved, paths)
     return Composed(conf, resolved, paths, plan, task, experiment, accelerator, run_namespace, trainer_flags,
-                    model_gets)  # fmt: skip
+                    model_gets, tuple(notes))  # fmt: skip
 
 
 def _plan(conf: schema.TrainConfig, resolved: dict, paths: rundir.RunPaths) -> rundir.Plan:
@@ -305,18 +306,20 @@ def replan(c: Composed) -> Composed:
     return dataclasses.replace(c, plan=_plan(c.conf, c.resolved, c.paths))
 
 
-def _check_choices_and_repeats(choices: Any, task: list[str]) -> None:
+def _check_choices_and_repeats(choices: Any, task: list[str]) -> list[str]:
     """A group option is one of its YAML files (the typed ``*_schema`` entries are what those files build on,
     not options). A key given twice takes its last value, as in Hydra (scripts put a base command first and
-    their changes after it), and rank zero says so."""
+    their changes after it): returned as a note, said once the run is known to be good."""
     for group, choice in choices.items():
         if isinstance(choice, str) and choice.endswith("_schema") and not group.startswith("hydra"):
             folder = Path(conf_dir(), group)
             options = sorted(p.stem for p in folder.glob("*.yaml")) if folder.is_dir() else []
             raise ConfigError(group, choice, "one of " + ", ".join(options) if options else "a config file")
     seen: dict[str, str] = {}
+    notes = []
     for override in task:
         key = _key(override)
-        if key in seen and "=" in override and seen[key] != override and env_rank() == 0:
-            logging.getLogger("trainer").warning("%s is given twice: %s is used (the last)", key, override)
+        if key in seen and "=" in override and seen[key] != override:
+            notes.append(f"{key} is given twice: {override} is used (the last)")
         seen[key] = override
+    return notes
