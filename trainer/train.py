@@ -16,7 +16,7 @@ import logging
 import os
 import re
 import sys
-from collections.abc import Callable, Iterator
+from collections.abc import Callable
 from pathlib import Path
 
 import hydra
@@ -26,7 +26,7 @@ from omegaconf import DictConfig
 from trainer import exits, rundir, runlock
 from trainer.checkpoint.manifest import sweep_debris
 from trainer.config import compose, schema
-from trainer.config.errors import ConfigError, describe, report
+from trainer.config.errors import ConfigError, report
 from trainer.files import read_json
 
 log = logging.getLogger("trainer")
@@ -119,18 +119,16 @@ def _run(cfg: DictConfig) -> None:
     if rank != 0:
         logging.getLogger().setLevel(logging.WARNING)
     hydra_cfg = HydraConfig.get()
-    with _one_line_errors():
-        c = compose.check(cfg, hydra_cfg, where="local")
-        if c.plan.action != "done" and rank == 0 and compose.PLAN_ENV not in os.environ:
-            # One writer per run directory; what is on disk is read again once it is ours.
-            runlock.acquire(c.paths.dir, warn=log.warning)
-            c = compose.replan(c)
-            _check_checkpoint_is_safe(c)
-            removed = sweep_debris(c.paths.checkpoints)  # safe: no save of this run can be going on
-            if removed:
-                log.info(
-                    "removed %d leftover(s) of interrupted saves from %s", len(removed), c.paths.checkpoints
-                )
+    # Bad input raises a ConfigError here: `run` carries it to cli_main, which says it in one line (exit 2).
+    c = compose.check(cfg, hydra_cfg, where="local")
+    if c.plan.action != "done" and rank == 0 and compose.PLAN_ENV not in os.environ:
+        # One writer per run directory; what is on disk is read again once it is ours.
+        runlock.acquire(c.paths.dir, warn=log.warning)
+        c = compose.replan(c)
+        _check_checkpoint_is_safe(c)
+        removed = sweep_debris(c.paths.checkpoints)  # safe: no save of this run can be going on
+        if removed:
+            log.info("removed %d leftover(s) of interrupted saves from %s", len(removed), c.paths.checkpoints)
 
     if rank == 0:
         for note in (*c.notes, *c.plan.notes):
@@ -186,18 +184,6 @@ def _check_checkpoint_is_safe(c: compose.Composed) -> None:
         raise ConfigError(
             "resume", c.plan.checkpoint, f"a checkpoint that runs no code when loaded ({err})"
         ) from None
-
-
-@contextlib.contextmanager
-def _one_line_errors() -> Iterator[None]:
-    """Bad input, said in one line with exit code 2."""
-    try:
-        yield
-    except Exception as exc:
-        line = describe(exc)
-        if line is None:
-            raise
-        raise _Abort(f"error: {line}", exits.CONFIG) from None
 
 
 def start_workers(c: compose.Composed, config_source: list[str]) -> None:

@@ -29,17 +29,21 @@ class UseError(Exception):
     pass
 
 
-def _load(run: Path, device: str) -> tuple[Any, dict, Path]:
-    """The run's LightningModule with its newest weights, its resolved config, and the checkpoint used."""
+def _config(run: Path) -> dict:
+    """The run's resolved config (its config.yaml)."""
+    config = run / rundir.CONFIG_FILE
+    if not config.is_file():
+        raise UseError(f"{run}: expected a run directory (no {rundir.CONFIG_FILE} here)")
+    return yaml.safe_load(config.read_text())
+
+
+def _load(run: Path, cfg: dict, device: str) -> tuple[Any, Path]:
+    """The run's LightningModule with its newest weights, and the checkpoint used."""
     from hydra.utils import instantiate
 
     from trainer import namespace
     from trainer.export import ExportError, source_checkpoint
 
-    config = run / rundir.CONFIG_FILE
-    if not config.is_file():
-        raise UseError(f"{run}: expected a run directory (no {rundir.CONFIG_FILE} here)")
-    cfg = yaml.safe_load(config.read_text())
     try:
         checkpoint = source_checkpoint(run)
     except ExportError as err:
@@ -54,7 +58,7 @@ def _load(run: Path, device: str) -> tuple[Any, dict, Path]:
         raise UseError(str(err)) from None
     model = instantiate({k: v for k, v in cfg["model"].items() if k != "compile"}, _convert_="all")
     model.load_state_dict(weights)
-    return model.to(device).eval(), cfg, checkpoint
+    return model.to(device).eval(), checkpoint
 
 
 def sample(model: Any, prompt: str, tokens: int, temperature: float, top_k: int | None, seed: int) -> str:
@@ -121,16 +125,12 @@ def main(argv: list[str], command: str) -> int:
         return exits.CONFIG
     run = Path(args.run)
     try:
-        cfg = (
-            yaml.safe_load((run / rundir.CONFIG_FILE).read_text())
-            if (run / rundir.CONFIG_FILE).is_file()
-            else {}
-        )
+        cfg = _config(run)
         target = (cfg.get("model") or {}).get("_target_")
-        if command == "sample" and cfg and target != LANGUAGE_MODEL:
+        if command == "sample" and target != LANGUAGE_MODEL:
             raise UseError(f"{run}: its model is {target}; `trainer sample` continues text with {LANGUAGE_MODEL} "
                            "(`trainer evaluate` gives any run's validation metrics)")  # fmt: skip
-        model, cfg, checkpoint = _load(run, args.device)
+        model, checkpoint = _load(run, cfg, args.device)
     except UseError as err:
         print(f"error: {err}", file=sys.stderr)
         return exits.CONFIG
