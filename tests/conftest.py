@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import csv
 import os
+import shutil
 import signal
 import subprocess
 import sys
@@ -183,3 +184,29 @@ def reference_run(tmp_path: Path, env: dict, args: list[str]) -> Path:
     out, _ = proc.communicate(timeout=300)
     assert proc.returncode == 0, out
     return tmp_path / "runs" / "reference"
+
+
+CLUSTER = REPO / "scripts" / "slurm-test-cluster"
+
+
+@pytest.fixture(scope="session")
+def slurm_conf() -> str:
+    """Bring the test cluster up for the session (or use one that is already up) and take it down after."""
+    missing = [b for b in ("slurmctld", "slurmd", "sbatch", "munged") if shutil.which(b) is None]
+    why = "the SLURM tests need root" if os.geteuid() != 0 else None
+    why = why or (
+        f"missing {', '.join(missing)}: run scripts/slurm-test-cluster install" if missing else None
+    )
+    if why:
+        if os.environ.get("CI"):
+            pytest.fail(why)
+        pytest.skip(why)
+    env_line = subprocess.run([str(CLUSTER), "env"], capture_output=True, text=True, check=True).stdout
+    conf = env_line.strip().split("=", 1)[1]
+    already_up = subprocess.run([str(CLUSTER), "status"], capture_output=True).returncode == 0
+    if not already_up:
+        up = subprocess.run([str(CLUSTER), "up"], capture_output=True, text=True, timeout=120)
+        assert up.returncode == 0, up.stdout + up.stderr
+    yield conf
+    if not already_up:
+        subprocess.run([str(CLUSTER), "down"], capture_output=True, timeout=120)

@@ -9,9 +9,7 @@ and a sweep as one job array.
 from __future__ import annotations
 
 import json
-import os
 import re
-import shutil
 import subprocess
 import sys
 import time
@@ -30,29 +28,6 @@ MODEL = ["--config-dir", str(HELPERS / "conf"), "model=faulty", "data=digits", "
          "trainer.accelerator=cpu", "trainer.log_every_n_steps=1", "trainer.val_check_interval=1000",
          "trainer.enable_progress_bar=false"]  # fmt: skip
 ON_CLUSTER = ["cluster=slurm", "cluster.cpus_per_task=1", "cluster.time=00:10:00"]
-
-
-@pytest.fixture(scope="session")
-def slurm_conf() -> str:
-    """Bring the test cluster up for the session (or use one that is already up) and take it down after."""
-    missing = [b for b in ("slurmctld", "slurmd", "sbatch", "munged") if shutil.which(b) is None]
-    why = "the SLURM tests need root" if os.geteuid() != 0 else None
-    why = why or (
-        f"missing {', '.join(missing)}: run scripts/slurm-test-cluster install" if missing else None
-    )
-    if why:
-        if os.environ.get("CI"):
-            pytest.fail(why)
-        pytest.skip(why)
-    env_line = subprocess.run([str(CLUSTER), "env"], capture_output=True, text=True, check=True).stdout
-    conf = env_line.strip().split("=", 1)[1]
-    already_up = subprocess.run([str(CLUSTER), "status"], capture_output=True).returncode == 0
-    if not already_up:
-        up = subprocess.run([str(CLUSTER), "up"], capture_output=True, text=True, timeout=120)
-        assert up.returncode == 0, up.stdout + up.stderr
-    yield conf
-    if not already_up:
-        subprocess.run([str(CLUSTER), "down"], capture_output=True, timeout=120)
 
 
 @pytest.fixture

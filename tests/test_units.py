@@ -132,6 +132,19 @@ def test_hydra_flags_may_come_after_overrides_and_option_lists_need_no_quotes():
     ]  # fmt: skip
 
 
+def test_a_path_from_home_is_the_users_home_as_in_the_shell(monkeypatch):
+    """``data.path=~/books`` (README): Hydra's grammar alone refuses the ``~``."""
+    from trainer.config.compose import normalize
+
+    monkeypatch.setenv("HOME", "/home/ada")
+    assert normalize(["data.path=~/books", "~logger", "x=a~b"]) == [
+        "data.path=/home/ada/books",
+        "~logger",
+        "x=a~b",
+    ]
+    assert normalize(["data.path=~nosuchuser123/x"]) == ["data.path='~nosuchuser123/x'"]
+
+
 def test_corrupt_or_unfinished_newest_checkpoint_falls_back_to_an_older_one(tmp_path):
     from trainer.checkpoint.manifest import find_latest_valid, manifest_path, verify
 

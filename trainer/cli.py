@@ -39,8 +39,8 @@ examples:
   trainer report runs/sweep-gpt_quickstart-<hash>  # trials sorted by val/loss, plots
   trainer train strategy=fsdp trainer.devices=2   # 2-process fully sharded data parallel
   trainer export runs/<name>                      # its newest checkpoint as one file
-  trainer sample runs/<name> --prompt "def "      # what the quickstart's GPT writes
-  trainer evaluate runs/<name>                    # e.g. val/acc of experiment=digits_mlp
+  trainer sample runs/gpt_quickstart-<hash> --prompt "def "   # what the quickstart's GPT writes
+  trainer evaluate runs/digits_mlp-<hash>         # a run's validation metrics, e.g. val/acc
 
 exit codes: 0 success, 2 bad configuration or usage, other: the training failed (see its output)
 """

@@ -110,11 +110,24 @@ def quote_option_lists(args: list[str]) -> list[str]:
     return out
 
 
+def expand_home(args: list[str]) -> list[str]:
+    """``data.path=~/books``: a value that starts with ``~`` is the user's home, as the shell would read it
+    after a space (Hydra's grammar refuses a bare ``~`` in a value; ``~key`` alone still deletes a key)."""
+    out = []
+    for arg in args:
+        key, sep, value = arg.partition("=")
+        if sep and value.startswith("~") and not key.startswith("-"):
+            home = os.path.expanduser(value)
+            arg = f"{key}={home}" if home != value else f"{key}='{value}'"
+        out.append(arg)
+    return out
+
+
 def normalize(args: list[str]) -> list[str]:
     """The command line as Hydra must see it: its flags first, numeric group choices and option lists
     quoted, and the default preset left out when the user picks another model or data without a preset
     (conf/train.yaml)."""
-    args = flags_first(quote_option_lists(quote_numeric_choices(args)))
+    args = flags_first(quote_option_lists(expand_home(quote_numeric_choices(args))))
     keys = [a.split("=", 1)[0].lstrip("+~") for a in args if _is_override(a)]
     if "experiment" not in keys and any(k in ("model", "data") for k in keys):
         args = [*args, "~experiment"]
