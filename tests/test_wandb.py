@@ -50,8 +50,21 @@ def test_offline_run_has_config_metrics_and_no_secret(tmp_path, env):
     )
     assert result.returncode == 0, result.stdout + result.stderr
     assert "anonymous setting" not in result.stdout + result.stderr  # no W&B warning on every run
+    assert "\x1b" not in result.stdout + result.stderr  # W&B's colour codes do not reach log files
     run_dir = tmp_path / "runs" / "wb"
     (offline,) = offline_runs(run_dir)
+    # the summary names the W&B run's folder, and how to upload it, last (W&B prints nothing after it)
+    folder = offline.relative_to(tmp_path)
+    assert result.stdout.rstrip().splitlines()[-1].split() == [
+        "wandb",
+        str(folder),
+        "(offline;",
+        "upload",
+        "with:",
+        "wandb",
+        "sync",
+        f"{folder})",
+    ]
     summary, history = inspect(offline, env)
     state = json.loads((run_dir / "run.json").read_text())
     assert summary["run_id"] == state["wandb"]["id"] and summary["state"] == "finished"

@@ -295,6 +295,8 @@ def fit(c: Composed) -> dict:
         checkpointer.restore_signal_handlers()
     names = [conf.checkpoint.monitor, conf.sweep.metric]
     summary = summarise(trainer, monitor, checkpointer, paths, time.perf_counter() - started, names)
+    if wandb_logger is not None and trainer.is_global_zero:
+        summary["wandb"] = wandb_logger.where()
     last = paths.last_checkpoint
     stop: RunStopped | None = None
     if checkpointer.preempted:
@@ -444,4 +446,6 @@ def print_summary(s: dict) -> None:
     for label, key in (("metrics", "metrics"), ("checkpoint", "checkpoint")):
         if os.path.exists(s[key]):
             lines.append(f"  {label:<11} {s[key]}")
+    if s.get("wandb"):
+        lines.append(f"  {'wandb':<11} {s['wandb']}")
     print("\n".join(lines), flush=True)

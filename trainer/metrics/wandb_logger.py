@@ -85,6 +85,19 @@ class SafeWandbLogger(pl.loggers.WandbLogger):
     def mode(self) -> str | None:
         return self._wandb_init.get("mode")
 
+    def where(self) -> str | None:
+        """For the summary: the W&B run's page, or its offline folder and how to upload it."""
+        run = self.experiment
+        if run is None:
+            return None
+        try:
+            if self.mode == "offline":
+                folder = os.path.relpath(run.settings.sync_dir)
+                return f"{folder} (offline; upload with: wandb sync {folder})"
+            return run.url
+        except Exception:  # W&B's internals moved: the summary goes without it
+            return None
+
     @rank_zero_only
     def finalize(self, status: str) -> None:
         self._safely(super().finalize, status)
@@ -143,8 +156,10 @@ def build_wandb_logger(
         return None
     return SafeWandbLogger(
         # No system metadata: it would record the command line, which may hold a secret (ours is logged
-        # redacted through log_run_info instead).
-        settings=wandb.Settings(x_disable_meta=True),
+        # redacted through log_run_info instead). Silent: W&B's own console lines carry colour codes into
+        # log files and come after the summary; the summary names the W&B run instead (``where``), and a
+        # W&B failure is our one warning (_disable).
+        settings=wandb.Settings(x_disable_meta=True, silent=True),
         name=run_name,
         id=run_id,
         project=cfg.project,
