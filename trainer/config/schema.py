@@ -539,6 +539,9 @@ class ClusterConfig:
     the full limit again, so a long run spans several attempts."""
     gpus_per_node: int = 0
     """GPUs to request per node; with ``trainer.accelerator=gpu`` it must equal ``trainer.devices``."""
+    gpu_mem_gb: float | None = None
+    """Memory of one of the cluster's GPUs in GiB (80 for an H100 SXM). ``trainer plan`` compares a run's
+    memory per device with it, and ``trainer submit`` refuses a job that cannot fit (``null``: not checked)."""
     gres: str | None = "gpu:{gpus}"
     """How GPUs are requested: a ``--gres`` value with ``{gpus}`` for the count (``gpu:a100:{gpus}`` for a
     typed GPU); ``null``: use ``--gpus-per-node`` instead."""
@@ -592,6 +595,8 @@ class ClusterConfig:
             )
         _non_negative("gpus_per_node", self.gpus_per_node)
         _positive("cpus_per_task", self.cpus_per_task)
+        if self.gpu_mem_gb is not None:
+            _positive("gpu_mem_gb", self.gpu_mem_gb)
         _non_negative("signal_lead_s", self.signal_lead_s)
         _non_negative("max_requeues", self.max_requeues)
         if self.array_parallelism is not None:
