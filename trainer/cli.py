@@ -23,6 +23,7 @@ commands:
             returns at once with the job id (`trainer submit --help`)
   status    runs, sweeps and their SLURM jobs: state, restarts, last step and metric, logs
   report    a sweep's trials sorted by the objective, with PNG plots; or one run's curves
+  plan      the memory per device a run needs, and whether it fits, before launching it
   export    a run's checkpoint (FSDP shards included) as one weights file for inference
   sample    text from a run's language model (`trainer sample runs/<name> --prompt "def "`)
   evaluate  a run's validation metrics (a classifier's accuracy) from its newest checkpoint
@@ -34,6 +35,7 @@ examples:
   trainer train --cfg job                         # print the composed config and exit
   trainer submit cluster=slurm trainer.num_nodes=2 strategy=ddp   # 2 nodes on SLURM
   trainer submit --dry-run cluster=slurm          # print the sbatch script and the checks
+  trainer plan experiment=gpt_150m trainer.accelerator=gpu cluster.gpu_mem_gb=80   # memory per GPU
   trainer train -m optim.lr=1e-3,3e-4 model.n_layer=2,4       # a 4-trial grid sweep here
   trainer status runs/                            # every run under runs/
   trainer report runs/sweep-gpt_quickstart-<hash>  # trials sorted by val/loss, plots
@@ -45,7 +47,7 @@ examples:
 exit codes: 0 success, 2 bad configuration or usage, other: the training failed (see its output)
 """
 
-COMMANDS = ("train", "submit", "status", "report", "export", "sample", "evaluate")
+COMMANDS = ("train", "submit", "plan", "status", "report", "export", "sample", "evaluate")
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -66,6 +68,10 @@ def main(argv: list[str] | None = None) -> int:
         from trainer.submit import main as submit_main
 
         return submit_main(rest)
+    if command == "plan":
+        from trainer.plan import main as plan_main
+
+        return plan_main(rest)
     if command == "report":
         from trainer.sweep.report import main as report_main
 
