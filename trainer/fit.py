@@ -167,7 +167,9 @@ def build_trainer(
 ) -> tuple[pl.Trainer, ThroughputMonitor, Checkpointer]:
     trainer, strategy, precision = c.conf.trainer, c.conf.strategy, c.conf.precision
     checkpoint, logger, paths, accelerator = c.conf.checkpoint, c.conf.logger, c.paths, c.accelerator
-    monitor = ThroughputMonitor(trainer.log_every_n_steps, accelerator, str(precision.value))
+    monitor = ThroughputMonitor(
+        trainer.log_every_n_steps, accelerator, str(precision.value), logger.telemetry_interval_s
+    )
     checkpointer = Checkpointer(
         paths.checkpoints,
         every_n_steps=checkpoint.every_n_steps,
@@ -409,6 +411,8 @@ def summarise(
         "checkpoint_saves": checkpointer.saves,
         # FSDP: the mesh and how many parameters each rank holds (proof that they are sharded).
         "sharding": trainer.strategy.report if isinstance(trainer.strategy, ShardingReport) else None,
+        # all GPUs, to the last logged row (only where the devices report power: NVIDIA GPUs)
+        **monitor.energy_summary(),
     }
 
 
@@ -442,6 +446,10 @@ def print_summary(s: dict) -> None:
     ]
     if extra:
         lines.append("  " + "   ".join(extra))
+    if s.get("energy_wh") is not None:
+        per = s.get("energy_wh_per_million_tokens")
+        lines.append(f"  energy      {s['energy_wh']:,.2f} Wh (all GPUs, to the last logged step)"
+                     + (f"   {per:,.3f} Wh per million tokens" if per is not None else ""))  # fmt: skip
     lines.append(f"  run dir     {s['run_dir']}")
     for label, key in (("metrics", "metrics"), ("checkpoint", "checkpoint")):
         if os.path.exists(s[key]):

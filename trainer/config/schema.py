@@ -467,6 +467,14 @@ class LoggerConfig:
     """Any other Lightning logger, by name: a ``_target_`` node with its arguments (``logger=[csv,tensorboard]``
     adds ``extra.tensorboard``). A logger that takes ``save_dir`` and does not set it writes into the run
     directory."""
+    telemetry_interval_s: float | None = 1.0
+    """Seconds between device telemetry samples, taken by a thread of each rank off the training thread: the
+    ``sys/*`` and ``gpu<i>/*`` columns of every logger, and the summary's energy (NVIDIA GPUs). ``null`` or 0:
+    off. Here, not under ``trainer``, because it changes what is recorded, not the run (no new run directory)."""
+
+    def __post_init__(self) -> None:
+        if self.telemetry_interval_s is not None:
+            _non_negative("telemetry_interval_s", self.telemetry_interval_s)
 
 
 # ---------------------------------------------------------------------------------------------- checkpoint
