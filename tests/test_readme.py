@@ -127,9 +127,9 @@ def readme_commands() -> list[Command]:
 
 
 def help_commands() -> list[Command]:
-    """The example lines of `trainer --help` and `trainer submit --help`."""
+    """The example lines of `trainer --help`, `trainer submit --help` and `trainer plan --help`."""
     found = []
-    for args in (["--help"], ["submit", "--help"]):
+    for args in (["--help"], ["submit", "--help"], ["plan", "--help"]):
         text = subprocess.run([sys.executable, "-m", "trainer", *args], capture_output=True, text=True).stdout
         examples = text.split("examples:", 1)[1].split("\n\n", 1)[0]
         lines = [line.strip() for line in examples.splitlines() if line.strip().startswith("trainer ")]

@@ -26,6 +26,7 @@ import contextlib
 import json
 import math
 import os
+import sys
 import warnings
 import weakref
 from dataclasses import asdict, dataclass, field
@@ -46,7 +47,7 @@ options:
 
 examples:
   trainer plan                                         # the default experiment on this machine
-  trainer plan experiment=gpt_150m cluster=slurm cluster.gpu_mem_gb=80 trainer.accelerator=gpu
+  trainer plan experiment=gpt_150m cluster=slurm cluster.gpus_per_node=1 cluster.gpu_mem_gb=80
   trainer plan strategy=fsdp trainer.devices=8 strategy.activation_checkpointing=true --json
 """
 
@@ -140,9 +141,10 @@ def _optimizer_of(module: Any) -> Any:
     try:
         return _first_optimizer(module.configure_optimizers())
     except Exception:
-        partial = getattr(module, "optimizer", None)
-        if callable(partial):
-            return partial(module.parameters())
+        hparams = getattr(module, "hparams", {})
+        for partial in (getattr(module, "optimizer", None), hparams.get("optimizer") if hparams else None):
+            if callable(partial):
+                return partial(params=module.parameters())
         raise
 
 
@@ -153,7 +155,10 @@ def _batch_of(c: Any) -> Any:
     with contextlib.suppress(Exception):
         data.prepare_data()
     data.setup("fit")
-    return next(iter(data.train_dataloader()))
+    batches = iter(data.train_dataloader())
+    batch = next(batches)
+    del batches  # its worker processes, if any, end here rather than at exit
+    return batch
 
 
 def _fake_step(module: Any, optimizer: Any, batch: Any, precision: str) -> None:
@@ -184,8 +189,31 @@ def _eager(c: Any) -> Any:
     return dataclasses.replace(c, resolved={**c.resolved, "model": {**model, "compile": False}})
 
 
+def _why(err: BaseException) -> str:
+    text = str(err.__cause__ or err).strip().splitlines()
+    return f"{type(err.__cause__ or err).__name__}: {text[0] if text else ''}"
+
+
+def _to_empty_keeping_ties(module: Any) -> Any:
+    """``module.to_empty(device="cpu")``, with parameters shared by several modules (tied embeddings) still
+    shared afterwards (``to_empty`` gives each place its own copy)."""
+    places: dict[int, list[tuple[Any, str]]] = {}
+    for sub in module.modules():
+        for name, p in sub._parameters.items():
+            if p is not None:
+                places.setdefault(id(p), []).append((sub, name))
+    module = module.to_empty(device="cpu")
+    for (first, first_name), *rest in places.values():
+        for sub, name in rest:
+            sub._parameters[name] = first._parameters[first_name]
+    return module
+
+
 def measure(c: Any, activation_checkpointing: bool = False) -> Measured:
-    """One fake training step of the run's model at its batch (see the module docstring)."""
+    """One fake training step of the run's model at its batch (see the module docstring). A model that cannot
+    be built on fake tensors (its ``__init__`` copies tensors, say) is built on the meta device instead; a
+    step that cannot run on either leaves activations unmeasured, and the optimizer's state then comes from
+    one step with zero gradients."""
     import torch
     from torch._subclasses.fake_tensor import FakeTensorMode
     from torch.utils._pytree import tree_leaves, tree_map
@@ -197,23 +225,39 @@ def measure(c: Any, activation_checkpointing: bool = False) -> Measured:
     precision = c.conf.precision.value
     batch = _batch_of(c)
     fake = FakeTensorMode(allow_non_fake_inputs=True)
-    with fake, warnings.catch_warnings():
+    quiet = warnings.catch_warnings()
+    with quiet:
         warnings.simplefilter("ignore")
-        module = build_model(c)
-        if precision == "bf16-true":
-            module = module.to(torch.bfloat16)
-        units = sharding_units(module)
-        unit_sizes = [sum(p.numel() for p in u.parameters()) for u in units]
-        if activation_checkpointing and units:
-            from torch.distributed.algorithms._checkpoint.checkpoint_wrapper import checkpoint_wrapper
+        # Built on the meta device (an __init__ that copies its arguments, as save_hyperparameters does,
+        # cannot copy fake tensors), then given fake CPU storage: the step runs CPU kernels (flash
+        # attention, as a GPU would; the meta device would take the math path and overstate it).
+        with torch.device("meta"):
+            module = build_model(c)
+        with fake:
+            module = _to_empty_keeping_ties(module)
+            if precision == "bf16-true":
+                module = module.to(torch.bfloat16)
+            units = sharding_units(module)
+            unit_sizes = [sum(p.numel() for p in u.parameters()) for u in units]
+            if activation_checkpointing and units:
+                from torch.distributed.algorithms._checkpoint.checkpoint_wrapper import checkpoint_wrapper
 
-            _wrap_in_place(module, units, checkpoint_wrapper)
-        optimizer = _optimizer_of(module)
-        fake_batch = tree_map(lambda t: fake.from_tensor(t) if isinstance(t, torch.Tensor) else t, batch)
-        _fake_step(module, optimizer, fake_batch, precision)  # creates the optimizer's state
-        tracker = PeakTracker()
-        with tracker.mode:
-            _fake_step(module, optimizer, fake_batch, precision)
+                _wrap_in_place(module, units, checkpoint_wrapper)
+            optimizer = _optimizer_of(module)
+            placed = tree_map(lambda t: fake.from_tensor(t) if isinstance(t, torch.Tensor) else t, batch)
+            note, peak = None, None
+            try:
+                _fake_step(module, optimizer, placed, precision)  # creates the optimizer's state
+                tracker = PeakTracker()
+                with tracker.mode:
+                    _fake_step(module, optimizer, placed, precision)
+                peak = tracker.peak
+            except Exception as err:
+                note = f"activations not estimated: one training step on fake tensors failed ({_why(err)})"
+                if optimizer is not None:
+                    for p in module.parameters():
+                        p.grad = torch.zeros_like(p) if p.requires_grad else None
+                    optimizer.step()
     params = list(module.parameters())
     shapes = {id(p): list(p.shape) for p in params}
     state = [
@@ -230,9 +274,10 @@ def measure(c: Any, activation_checkpointing: bool = False) -> Measured:
         optimizer=type(optimizer).__name__ if optimizer is not None else None,
         optimizer_state=state,
         buffers_bytes=sum(b.numel() * b.element_size() for b in module.buffers()),
-        step_peak_bytes=tracker.peak,
+        step_peak_bytes=peak,
         units=unit_sizes,
         batch_size=len(leaves[0]) if leaves and leaves[0].dim() else None,
+        note=note,
     )
 
 
@@ -254,7 +299,7 @@ def measure_params_only(c: Any, why: str) -> Measured:
         optimizer_state=[],
         buffers_bytes=sum(b.numel() * b.element_size() for b in module.buffers()),
         step_peak_bytes=None,
-        note=f"activations and optimizer state not estimated: one training step on fake tensors failed ({why})",
+        note=f"activations and optimizer state not estimated: the model could not be built or stepped ({why})",
     )
 
 
@@ -447,7 +492,7 @@ def make_plan(c: Any) -> Plan:
     except ConfigError:
         raise
     except Exception as err:
-        m = measure_params_only(c, f"{type(err).__name__}: {str(err).splitlines()[0] if str(err) else ''}")
+        m = measure_params_only(c, _why(err))
     if m.note:
         notes.append(m.note)
     figures = per_device(m, layout)
@@ -523,6 +568,37 @@ def render(p: Plan, conf: Any) -> str:
     return "\n".join(lines)
 
 
+def check_job(c: Any, config_dir: str | None) -> str:
+    """For ``trainer submit``: the plan of one run whose cluster gives ``gpu_mem_gb``, made in a child process
+    (submit itself imports no torch). Raises the one-line refusal when it cannot fit; returns a note."""
+    import subprocess
+
+    flags = ["--config-dir", os.path.abspath(config_dir)] if config_dir else []
+    own = [
+        o
+        for o in c.own_overrides
+        if o.split("=", 1)[0].lstrip("+~") not in ("run.root", "run.name", "run.dir")
+    ]
+    proc = subprocess.run([sys.executable, "-m", "trainer", "plan", "--json", *flags, *own],
+                          capture_output=True, text=True)  # fmt: skip
+    if proc.returncode != 0:
+        lines = (proc.stderr or proc.stdout).strip().splitlines()
+        return f"memory not checked: trainer plan failed ({lines[-1] if lines else proc.returncode})"
+    plan = json.loads(proc.stdout)
+    need = plan["per_device"]["total_bytes"] / GiB
+    have = c.conf.cluster.gpu_mem_gb
+    if plan["fits"] is False:
+        would = f"; would fit: {plan['would_fit'][0]}" if plan["would_fit"] else ""
+        raise ConfigError(
+            "cluster.gpu_mem_gb", have,
+            f"GPUs that hold the run: it needs {need:.1f} GiB per device and {RESERVE_BYTES // MiB} MiB for the "
+            f"runtime (`trainer plan` with the same overrides shows why{would})",
+        )  # fmt: skip
+    if plan["fits"] is None:
+        return f"memory not checked: {plan['device']}"
+    return f"memory: {need:.1f} GiB per device of {have:g} GiB (trainer plan)"
+
+
 def _parse(argv: list[str]) -> tuple[bool, str | None, list[str]]:
     as_json, config_dir, overrides = False, None, []
     it = iter(argv)
@@ -555,6 +631,9 @@ def main(argv: list[str]) -> int:
         remote = any(o.startswith("cluster=") and o != "cluster=local" for o in overrides)
         with session():
             c = compose(overrides, config_dir, where="cluster" if remote else "local")
+        from trainer import namespace
+
+        namespace.select(c.namespace or namespace.DEFAULT)  # the Lightning of the user's classes
         plan = make_plan(c)
     except Exception as exc:
         return report(exc)

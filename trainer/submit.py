@@ -45,6 +45,10 @@ examples:
 """
 
 
+PLANNED_TRIALS = 8
+"""With ``cluster.gpu_mem_gb``, the memory of at most this many trials of a sweep is planned before submitting."""
+
+
 class UsageError(Exception):
     pass
 
@@ -136,6 +140,14 @@ def prepare(opts: Options) -> Submission | None:
                 raise ConfigError(
                     key, None, f"the same value in every trial of one job array (trial {i} differs)"
                 )
+
+    if base.cluster.gpu_mem_gb:  # a job that cannot fit must not wait in the queue to find out
+        from trainer.plan import check_job
+
+        distinct = {tuple(c.own_overrides): c for c in composed}
+        notes += [check_job(c, opts.config_dir) for c in list(distinct.values())[:PLANNED_TRIALS]]
+        if len(distinct) > PLANNED_TRIALS:
+            notes.append(f"memory checked for the first {PLANNED_TRIALS} of {len(distinct)} trials")
 
     if sweep is not None:  # a trial that a local sweep (trainer train -m) is running must not get a job too
         for entry in ledger.read(sweep.dir).get("trials", []):
