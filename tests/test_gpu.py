@@ -7,7 +7,7 @@ import json
 
 import pytest
 import torch
-from conftest import column, read_metrics
+from conftest import REPO, column, read_metrics
 
 pytestmark = [
     pytest.mark.gpu,
@@ -59,3 +59,20 @@ def test_nccl_fsdp_matches_ddp_on_two_gpus(cli):
     a, b = (read_metrics(fsdp.cwd / "runs" / n) for n in ("ddp", "fsdp"))
     # GPU kernels are not bit-reproducible across reductions orders; 1e-3 relative over 20 steps.
     assert column(b, "train/loss") == pytest.approx(column(a, "train/loss"), rel=1e-3)
+
+
+def test_the_memory_plan_holds_against_the_gpus_allocator(cli, tmp_path):
+    """`trainer plan` on the GPU path: exact model state, and a total within 25% of max_memory_allocated."""
+    args = ["trainer.accelerator=gpu", "precision=bf16-mixed", "data=synthetic", "model.n_layer=6", "model.n_embd=384",
+            "model.n_head=6", "model.block_size=256"]  # fmt: skip
+    planned = cli("plan", "--json", *args)
+    assert planned.returncode == 0, planned.output
+    d = json.loads(planned.stdout)["per_device"]
+    out = tmp_path / "counted"
+    run = cli("train", *args, "trainer.max_steps=3", "+callbacks.memcount._target_=memcount.MemoryCount",
+              f"+callbacks.memcount.out={out}", env={"PYTHONPATH": str(REPO / "tests" / "helpers")})  # fmt: skip
+    assert run.returncode == 0, run.output
+    counted = json.loads((out / "rank-0.json").read_text())
+    for key in ("params_bytes", "grads_bytes", "optimizer_bytes"):
+        assert counted[key] == d[key], key
+    assert 0.75 <= counted["cuda_peak_bytes"] / d["total_bytes"] <= 1.25, (counted["cuda_peak_bytes"], d)

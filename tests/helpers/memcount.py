@@ -2,7 +2,8 @@
 
 Each rank writes ``<out>/rank-N.json`` after ``at_step`` optimizer steps: the bytes of its own parameters,
 gradients and optimizer state tensors (an FSDP rank's local shards), and how far the process's resident memory
-rose above what it was when training started (peak RSS, reset then through /proc/self/clear_refs).
+rose above what it was when training started (peak RSS, reset then through /proc/self/clear_refs), and on a GPU
+the allocator's peak (``max_memory_allocated``, reset then).
 """
 
 from __future__ import annotations
@@ -38,6 +39,8 @@ class MemoryCount(pl.Callback):
     def on_train_start(self, trainer, pl_module) -> None:
         Path("/proc/self/clear_refs").write_text("5")  # the peak RSS starts again from the current RSS
         self.base = _status("VmRSS")
+        if torch.cuda.is_available():
+            torch.cuda.reset_peak_memory_stats()
 
     def on_before_optimizer_step(self, trainer, pl_module, optimizer) -> None:
         self.grads = _bytes(p.grad for p in pl_module.parameters() if p.grad is not None)
@@ -53,5 +56,7 @@ class MemoryCount(pl.Callback):
             "grads_bytes": self.grads,
             "optimizer_bytes": _bytes(state),
             "rss_rise_bytes": _status("VmHWM") - self.base,
+            # a GPU run: the allocator's peak over the steps (the parameters included: they were there)
+            "cuda_peak_bytes": torch.cuda.max_memory_allocated() if torch.cuda.is_available() else None,
         }
         (self.out / f"rank-{os.environ.get('RANK', '0')}.json").write_text(json.dumps(figures))
