@@ -274,6 +274,14 @@ def test_peak_flops_come_from_the_device():
     assert gpu_peak_flops("Some Future GPU", "bf16") is None
     assert gpu_peak_flops("NVIDIA L40S", "bf16") == pytest.approx(362.05e12)  # not the L4's figure
     assert gpu_peak_flops("NVIDIA L4", "bf16") == pytest.approx(121e12)
+    # the names torch reports for parts that share a stem: each its own figure, or none
+    assert gpu_peak_flops("NVIDIA H200 NVL", "bf16") == pytest.approx(835.5e12)  # not the H200 SXM's
+    assert gpu_peak_flops("NVIDIA H200", "bf16") == pytest.approx(989.4e12)
+    assert gpu_peak_flops("NVIDIA H100 NVL", "bf16") == pytest.approx(835.5e12)
+    assert gpu_peak_flops("NVIDIA GH200 480GB", "bf16") == pytest.approx(989.4e12)
+    assert gpu_peak_flops("NVIDIA H800", "bf16") == pytest.approx(989.4e12)
+    assert gpu_peak_flops("NVIDIA H800 PCIe", "bf16") == pytest.approx(756.5e12)
+    assert gpu_peak_flops("NVIDIA A10G", "bf16") is None  # no data sheet: no MFU rather than the A10's
     measured = measure_cpu_peak_flops(n=256, seconds=0.1)
     assert 1e8 < measured < 1e14
 

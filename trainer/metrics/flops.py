@@ -16,11 +16,21 @@ GPU_PEAK_TFLOPS: dict[str, dict[str, float]] = {
     "H100 80GB HBM3": {"bf16": 989.4, "fp16": 989.4, "tf32": 494.7, "fp32": 66.9},
     # NVIDIA H100 PCIe data sheet: bf16/fp16 756.5, tf32 378, fp32 51.2
     "H100 PCIe": {"bf16": 756.5, "fp16": 756.5, "tf32": 378.0, "fp32": 51.2},
-    # NVIDIA H200 data sheet (2024): same compute as H100 SXM, more memory
+    # NVIDIA H100 data sheet, NVL column (per GPU): bf16/fp16 1,671 and tf32 835 with sparsity, fp32 60
+    "H100 NVL": {"bf16": 835.5, "fp16": 835.5, "tf32": 417.5, "fp32": 60.0},
+    # H800: the H100 with fewer NVLink lanes (export variant); the same SMs and clocks as the H100 SXM / PCIe
+    "H800": {"bf16": 989.4, "fp16": 989.4, "tf32": 494.7, "fp32": 66.9},
+    "H800 PCIe": {"bf16": 756.5, "fp16": 756.5, "tf32": 378.0, "fp32": 51.2},
+    # NVIDIA H200 data sheet (2024): the SXM part has the H100 SXM's compute, more memory
     "H200": {"bf16": 989.4, "fp16": 989.4, "tf32": 494.7, "fp32": 66.9},
+    # ... and its NVL (PCIe, 600 W) column: bf16/fp16 1,671 and tf32 835 with sparsity, fp32 60
+    "H200 NVL": {"bf16": 835.5, "fp16": 835.5, "tf32": 417.5, "fp32": 60.0},
+    # NVIDIA GH200 Grace Hopper data sheet: the GPU's bf16/fp16 990 (1,979 sparse), tf32 494, fp32 67
+    "GH200": {"bf16": 989.4, "fp16": 989.4, "tf32": 494.7, "fp32": 66.9},
     # NVIDIA A100 data sheet (2020): bf16/fp16 312, tf32 156, fp32 19.5 (SXM and PCIe alike)
     "A100": {"bf16": 312.0, "fp16": 312.0, "tf32": 156.0, "fp32": 19.5},
-    # NVIDIA A10 data sheet: bf16/fp16 125, tf32 62.5, fp32 31.2
+    # NVIDIA A10 data sheet: bf16/fp16 125, tf32 62.5, fp32 31.2. Not the A10G (AWS's part, no NVIDIA data
+    # sheet, lower tensor throughput): whole-word matching leaves it out, so it gets no MFU, not a wrong one.
     "A10": {"bf16": 125.0, "fp16": 125.0, "tf32": 62.5, "fp32": 31.2},
     # NVIDIA L4 data sheet: bf16/fp16 121, tf32 60, fp32 30.3
     "L4": {"bf16": 121.0, "fp16": 121.0, "tf32": 60.0, "fp32": 30.3},
