@@ -30,6 +30,7 @@ from trainer.files import read_json
 from trainer.loop import FinalValidation
 from trainer.metrics.csv_logger import CSVMetricsLogger
 from trainer.metrics.names import ConfiguredMetrics
+from trainer.metrics.profile import profile_callbacks
 from trainer.metrics.progress import progress_for
 from trainer.metrics.throughput import ThroughputMonitor
 from trainer.metrics.wandb_logger import SafeWandbLogger, build_wandb_logger
@@ -186,7 +187,10 @@ def build_trainer(
     names = {"checkpoint.monitor": checkpoint.monitor}
     if c.conf.sweep.metric != checkpoint.monitor:
         names["sweep.metric"] = c.conf.sweep.metric
-    callbacks: list[pl.Callback] = [monitor, checkpointer, FinalValidation(), ConfiguredMetrics(names)]
+    # The profiler (only when profile.steps is set) comes first: a step's optimizer phase ends before the
+    # other callbacks' work at its end (logging, saves).
+    callbacks: list[pl.Callback] = profile_callbacks(c.conf.profile, paths.profile, accelerator)
+    callbacks += [monitor, checkpointer, FinalValidation(), ConfiguredMetrics(names)]
     callbacks += own_callbacks
     if trainer.enable_progress_bar:
         callbacks.append(progress_for(trainer.log_every_n_steps))
@@ -195,7 +199,7 @@ def build_trainer(
 
         callbacks.append(OptunaPruning(json.loads(os.environ[OPTUNA_ENV])))
     callbacks += build_callbacks(c)
-    plugins: list[Any] = [AtomicCheckpointIO()]
+    plugins: list[Any] = [AtomicCheckpointIO(async_save=checkpoint.async_save)]
     SLURMEnvironment = fabric_module("plugins.environments").SLURMEnvironment
     if SLURMEnvironment.detect():
         # Our checkpointer handles SIGUSR1 cooperatively; Lightning's in-handler save+requeue must not also act.

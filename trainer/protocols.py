@@ -34,6 +34,17 @@ class WriteStats(Protocol):
 
 
 @runtime_checkable
+class AsyncWriter(Protocol):
+    """A checkpoint writer that may write in the background (``AtomicCheckpointIO``)."""
+
+    async_save: bool
+    last_write: dict[str, float]
+
+    def wait(self) -> None:
+        """Return once the write in flight (if any) is published; raise its error."""
+
+
+@runtime_checkable
 class ShardingReport(Protocol):
     """A strategy that shards the model (FSDP): its mesh and how many parameters each rank holds."""
 

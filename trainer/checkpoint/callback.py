@@ -21,6 +21,7 @@ import random
 import shutil
 import signal
 import time
+from contextlib import suppress
 from datetime import timedelta
 from pathlib import Path
 from typing import Any
@@ -36,7 +37,7 @@ from trainer.checkpoint.manifest import (
     write_manifest,
 )
 from trainer.namespace import pl
-from trainer.protocols import RunLogger, ShardingReport, WriteStats
+from trainer.protocols import AsyncWriter, RunLogger, ShardingReport, WriteStats
 from trainer.rundir import LAST_CHECKPOINT
 
 log = logging.getLogger("trainer")
@@ -142,6 +143,7 @@ class Checkpointer(pl.Callback):
         self._nonfinite_pending: str | None = None
         self._timeout_tightened = False
         self._at_step_boundary = True
+        self._writer: AsyncWriter | None = None
 
     @property
     def last_saved_step(self) -> int | None:
@@ -174,6 +176,10 @@ class Checkpointer(pl.Callback):
 
     # ------------------------------------------------------------------ hooks
 
+    def setup(self, trainer: pl.Trainer, pl_module: pl.LightningModule, stage: str) -> None:
+        io = trainer.strategy.checkpoint_io
+        self._writer = io if isinstance(io, AsyncWriter) else None
+
     def on_train_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
         # Restore here, after Lightning's restore and loader set-up, right before the first resumed step.
         if self._rng_to_restore is not None:
@@ -198,11 +204,14 @@ class Checkpointer(pl.Callback):
 
     def on_train_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
         self.restore_signal_handlers()
+        self.wait()
 
     def on_exception(
         self, trainer: pl.Trainer, pl_module: pl.LightningModule, exception: BaseException
     ) -> None:
         self.restore_signal_handlers()
+        with suppress(Exception):  # the run's own error is the one to report; the save finishes if it can
+            self.wait()
 
     def restore_signal_handlers(self) -> None:
         for signum, handler in self._original_handlers.items():
@@ -277,6 +286,7 @@ class Checkpointer(pl.Callback):
             return  # validation in the middle of a gradient accumulation: a save here could not resume exactly
         step = trainer.global_step
         if self._last_saved_step == step:  # saved at this step already: record the metric it scored
+            self.wait()  # its manifest exists once it is written
             if trainer.is_global_zero:
                 path = self.directory / step_checkpoint_name(step)
                 manifest = read_manifest(path)
@@ -301,28 +311,41 @@ class Checkpointer(pl.Callback):
         # at the same step); an older validation's value would rank the wrong weights.
         metric = self._metric(trainer) if reason == "validation" else None
         manifest = dict(self.manifest_extra, reason=reason, metric=metric, monitor=self.monitor)
-        trainer.save_checkpoint(path, weights_only=False, storage_options={"manifest": manifest})
+        # Sharded checkpoints are written by the strategy itself (FSDP2Strategy), others by the IO plugin.
+        writer = next(
+            (w for w in (trainer.strategy, trainer.strategy.checkpoint_io) if isinstance(w, WriteStats)), None
+        )
+        background = isinstance(writer, AsyncWriter) and writer.async_save
+        options: dict[str, Any] = {"manifest": manifest}
+        if background:  # published (last.ckpt, retention) by the writer once the file is complete
+            self.wait()
+            earlier = dict(writer.last_write)  # the previous background write: finished now
+            options["then"] = lambda: self._publish(path)
+        trainer.save_checkpoint(path, weights_only=False, storage_options=options)
+        if background and reason in ("preempted", "nonfinite", "final"):
+            self.wait()  # the process is about to end: the checkpoint must be on disk first
         stall = time.perf_counter() - started
         self._last_saved_step, self._last_save_time = step, time.monotonic()
         if trainer.is_global_zero:
-            self._link_last(path)
-            self._retain()
-            # Sharded checkpoints are written by the strategy itself (FSDP2Strategy), others by the IO plugin.
-            writer = next(
-                (w for w in (trainer.strategy, trainer.strategy.checkpoint_io) if isinstance(w, WriteStats)),
-                None,
-            )
-            written = writer.last_write if writer is not None else {}
-            stats = {
-                "step": step,
-                "stall_s": stall,
-                "bytes": written.get("bytes", 0),
-                "write_s": written.get("seconds", 0.0),
-            }
-            self.saves.append(stats)
-            row = {"checkpoint/stall_s": stall, "checkpoint/mb": stats["bytes"] / 1e6}
-            if stats["write_s"]:
-                row["checkpoint/mb_per_s"] = stats["bytes"] / 1e6 / stats["write_s"]
+            if not background:
+                self._publish(path)
+            written = dict(writer.last_write) if writer is not None else {}
+            if background and written.get("step") != step:
+                # Still being written: its size and speed are reported by the next save's row, which gives
+                # the previous write's here (and completes that save's entry).
+                written = earlier
+                for entry in self.saves:
+                    if entry["step"] == written.get("step"):
+                        entry.update(bytes=written["bytes"], write_s=written["seconds"])
+                self.saves.append({"step": step, "stall_s": stall, "bytes": 0, "write_s": 0.0})
+            else:
+                self.saves.append({"step": step, "stall_s": stall, "bytes": written.get("bytes", 0),
+                                   "write_s": written.get("seconds", 0.0)})  # fmt: skip
+            row = {"checkpoint/stall_s": stall}
+            if written.get("bytes"):
+                row["checkpoint/mb"] = written["bytes"] / 1e6
+            if written.get("seconds"):
+                row["checkpoint/mb_per_s"] = written["bytes"] / 1e6 / written["seconds"]
             for logger in trainer.loggers:
                 if isinstance(logger, RunLogger):
                     logger.log_trainer_metrics(row, step)
@@ -331,6 +354,16 @@ class Checkpointer(pl.Callback):
             if reason in ("preempted", "nonfinite"):
                 log.info("checkpoint saved at step %d (%s): %s", step, reason, path)
         return path
+
+    def _publish(self, path: Path) -> None:
+        """A complete checkpoint becomes the newest (``last.ckpt``); old ones go (rank zero, after the write)."""
+        self._link_last(path)
+        self._retain()
+
+    def wait(self) -> None:
+        """Until the checkpoint being written in the background (if any) is published."""
+        if self._writer is not None:
+            self._writer.wait()
 
     def _metric(self, trainer: pl.Trainer) -> float | None:
         value = trainer.callback_metrics.get(self.monitor)

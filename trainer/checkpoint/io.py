@@ -117,18 +117,76 @@ def _refused(err: pickle.UnpicklingError) -> str:
     return f"it names {what}, which loading with weights_only=True refuses (it could run code)"
 
 
+def snapshot(obj: Any) -> Any:
+    """A copy of a checkpoint that training can no longer change: every tensor copied to host memory (the
+    state dict's tensors are the live parameters), containers rebuilt, other values shared (immutable)."""
+    if isinstance(obj, torch.Tensor):
+        return obj.detach().to("cpu", copy=True)
+    if isinstance(obj, dict):
+        copied = {k: snapshot(v) for k, v in obj.items()}
+        return copied if type(obj) is dict else type(obj)(copied)  # OrderedDict, Lightning's AttributeDict
+    if isinstance(obj, list):
+        return [snapshot(v) for v in obj]
+    if isinstance(obj, tuple) and not hasattr(obj, "_fields"):
+        return tuple(snapshot(v) for v in obj)
+    return obj
+
+
 class AtomicCheckpointIO(fabric_module("plugins.io.torch_io").TorchCheckpointIO):
     """Write to a hidden temporary file, fsync, rename over the target, then write the manifest.
 
-    ``storage_options={"manifest": {...}}`` adds fields to the manifest (config hash, metric, reason).
+    ``storage_options={"manifest": {...}}`` adds fields to the manifest (config hash, metric, reason), and
+    ``{"then": f}`` calls ``f()`` once the checkpoint is published (linking ``last.ckpt``, retention).
     ``last_write`` holds the size and duration of the latest write, for the throughput figures.
+
+    ``async_save``: the write (serialisation, hashing, fsync, publication) runs on a background thread, on a
+    snapshot of the checkpoint; at most one is in flight (a new save first waits for the previous one), and
+    ``wait()`` returns once it is published, raising what it failed with. A process killed mid-write leaves a
+    hidden temporary file and no manifest: the previous checkpoint is the newest valid one.
     """
 
-    def __init__(self) -> None:
+    def __init__(self, async_save: bool = False) -> None:
         super().__init__()
         self.last_write: dict[str, float] = {}
+        self.async_save = async_save
+        self._pending: Any = None  # the Future of the write in flight
+        self._executor: Any = None
+
+    def wait(self) -> None:
+        """Block until the background write (if any) is published; re-raise its error here."""
+        pending, self._pending = self._pending, None
+        if pending is not None:
+            pending.result()
+
+    def teardown(self) -> None:
+        self.wait()
+        if self._executor is not None:
+            self._executor.shutdown(wait=True)
+            self._executor = None
 
     def save_checkpoint(
+        self, checkpoint: dict[str, Any], path: str | os.PathLike, storage_options: Any = None
+    ) -> None:
+        if not self.async_save:
+            self._write(checkpoint, path, storage_options)
+            return
+        from concurrent.futures import ThreadPoolExecutor
+
+        self.wait()
+        copy = snapshot(checkpoint)
+        if self._executor is None:
+            self._executor = ThreadPoolExecutor(max_workers=1, thread_name_prefix="checkpoint-writer")
+        self._pending = self._executor.submit(self._write, copy, path, storage_options)
+
+    def _write(
+        self, checkpoint: dict[str, Any], path: str | os.PathLike, storage_options: Any = None
+    ) -> None:
+        self._write_file(checkpoint, path, storage_options)
+        then = (storage_options or {}).get("then")
+        if then is not None:
+            then()
+
+    def _write_file(
         self, checkpoint: dict[str, Any], path: str | os.PathLike, storage_options: Any = None
     ) -> None:
         target = Path(path)
@@ -158,7 +216,7 @@ class AtomicCheckpointIO(fabric_module("plugins.io.torch_io").TorchCheckpointIO)
             if error is None:
                 raise
             raise error from None
-        self.last_write = {"bytes": size, "seconds": seconds}
+        self.last_write = {"bytes": size, "seconds": seconds, "step": int(checkpoint.get("global_step", 0))}
 
     def load_checkpoint(
         self, path: Any, map_location: Any = None, weights_only: bool | None = None

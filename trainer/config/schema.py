@@ -503,6 +503,11 @@ class CheckpointConfig:
     allow_config_change: bool = False
     """Resume even when the checkpoint's model/data/seed differ from the current config (fine-tuning); the
     differing keys are still reported."""
+    async_save: bool = True
+    """Write single-file checkpoints in the background: training waits only while the state is copied (and
+    for the previous save, if it is still being written: at most one in flight). The file is published, with
+    its manifest, only once written; a preemption, a stop and the end of the run wait for it. Sharded (FSDP)
+    checkpoints are written synchronously whatever this says. ``false``: every save blocks training."""
 
     def __post_init__(self) -> None:
         _non_negative("every_n_steps", self.every_n_steps)
@@ -683,6 +688,45 @@ class SweepConfig:
             raise ConfigError("name", self.name, "a directory name without '/'")
 
 
+# ---------------------------------------------------------------------------------------------- profile
+
+
+@dataclass
+class ProfileConfig:
+    """A profiler window: ``torch.profiler`` records a few optimizer steps on the chosen ranks into
+    ``<run.dir>/profile/`` (a Chrome/Perfetto trace and the top operators per rank, and the time of each phase
+    of a step). Off unless ``steps`` is set, and then nothing is added to the run. It changes what is recorded,
+    not what is trained, so it is no part of the run's name."""
+
+    steps: list[int] | None = None
+    """``[first, last]``: the optimizer steps to record, both included and numbered as in metrics.csv
+    (``[20,25]``: six steps); ``null``: off. The first steps of a run are slow (warm-up), so start later."""
+    ranks: list[int] = field(default_factory=lambda: [0])
+    """The ranks that record (each below ``trainer.devices * trainer.num_nodes``)."""
+    record_shapes: bool = False
+    """Record each operator's input shapes (the operator table is then split by shape; larger traces)."""
+    memory: bool = False
+    """Record tensor allocations and frees: memory per operator in the trace and the table."""
+    with_stack: bool = False
+    """Record the Python stack of every operator (source lines in the trace; much larger and slower)."""
+
+    def __post_init__(self) -> None:
+        if self.steps is not None and (len(self.steps) != 2 or not 0 < self.steps[0] <= self.steps[1]):
+            raise ConfigError(
+                "steps", list(self.steps), "[first, last] optimizer steps, 0 < first <= last, or null"
+            )
+        if not self.ranks or any(rank < 0 for rank in self.ranks):
+            raise ConfigError("ranks", list(self.ranks), "a list of ranks >= 0, such as [0] or [0,1]")
+
+    def check_world(self, world_size: int) -> None:
+        """Every rank to record exists (a check across slices: ``trainer.config.validate``)."""
+        if self.steps is not None and max(self.ranks) >= world_size:
+            raise ConfigError(
+                "profile.ranks", list(self.ranks),
+                f"ranks below {world_size} (the run's processes: trainer.devices x trainer.num_nodes)",
+            )  # fmt: skip
+
+
 # ---------------------------------------------------------------------------------------------- root
 
 
@@ -718,6 +762,7 @@ class TrainConfig:
     checkpoint: CheckpointConfig = field(default_factory=CheckpointConfig)
     cluster: ClusterConfig = field(default_factory=ClusterConfig)
     sweep: SweepConfig = field(default_factory=SweepConfig)
+    profile: ProfileConfig = field(default_factory=ProfileConfig)
 
 
 def register() -> None:
