@@ -32,6 +32,7 @@ from trainer.secrets import redact, redact_override
 IDENTITY_EXCLUDED = (
     "run", "resume", "logger", "checkpoint", "trainer.enable_progress_bar", "trainer.log_every_n_steps",
     "data.num_workers", "strategy.timeout_s", "strategy.step_timeout_s", "cluster", "sweep", "model.compile",
+    "profile",
 )  # fmt: skip
 # Keys that must match for a checkpoint in the run directory to be continued (others may change, e.g. a
 # longer max_steps continues a finished run).
@@ -46,6 +47,9 @@ SLURM_DIR = "slurm"
 """Job scripts, job logs and the job ledger of a run submitted to SLURM."""
 JOBS_FILE = "jobs.json"
 LOGS_DIR = "logs"
+PROFILE_DIR = "profile"
+"""A profiler window's traces, operator tables and ``phases.json`` (``trainer.metrics.profile``)."""
+PHASES_FILE = "phases.json"
 FILE_SYSTEM_ERRORS = (
     errno.ENOSPC, errno.EDQUOT, errno.EFBIG, errno.EROFS, errno.EACCES, errno.EPERM, errno.EIO, errno.ENOTDIR,
     errno.EISDIR,
@@ -119,6 +123,10 @@ class RunPaths:
     @property
     def slurm(self) -> Path:
         return self.dir / SLURM_DIR
+
+    @property
+    def profile(self) -> Path:
+        return self.dir / PROFILE_DIR
 
     @property
     def logs(self) -> Path:

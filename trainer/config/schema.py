@@ -691,6 +691,11 @@ class SweepConfig:
 # ---------------------------------------------------------------------------------------------- profile
 
 
+def _listed(values: list[int]) -> str:
+    """A list as it is written on the command line (``[5,3]``), for an error's one line."""
+    return "[" + ",".join(str(v) for v in values) + "]"
+
+
 @dataclass
 class ProfileConfig:
     """A profiler window: ``torch.profiler`` records a few optimizer steps on the chosen ranks into
@@ -713,16 +718,16 @@ class ProfileConfig:
     def __post_init__(self) -> None:
         if self.steps is not None and (len(self.steps) != 2 or not 0 < self.steps[0] <= self.steps[1]):
             raise ConfigError(
-                "steps", list(self.steps), "[first, last] optimizer steps, 0 < first <= last, or null"
+                "steps", _listed(self.steps), "[first, last] optimizer steps, 0 < first <= last, or null"
             )
         if not self.ranks or any(rank < 0 for rank in self.ranks):
-            raise ConfigError("ranks", list(self.ranks), "a list of ranks >= 0, such as [0] or [0,1]")
+            raise ConfigError("ranks", _listed(self.ranks), "a list of ranks >= 0, such as [0] or [0,1]")
 
     def check_world(self, world_size: int) -> None:
         """Every rank to record exists (a check across slices: ``trainer.config.validate``)."""
         if self.steps is not None and max(self.ranks) >= world_size:
             raise ConfigError(
-                "profile.ranks", list(self.ranks),
+                "profile.ranks", _listed(self.ranks),
                 f"ranks below {world_size} (the run's processes: trainer.devices x trainer.num_nodes)",
             )  # fmt: skip
 

@@ -196,6 +196,7 @@ def _check_portable(conf: TrainConfig) -> None:
     _check_text_corpus(conf)
     if conf.resume not in ("auto", "never") and not os.path.exists(conf.resume):
         raise ConfigError("resume", conf.resume, "auto, never or the path of an existing checkpoint")
+    conf.profile.check_world(conf.trainer.devices * conf.trainer.num_nodes)
 
 
 def check_checkpoint_format(checkpoint: str | None, strategy: str) -> None:

@@ -2,8 +2,10 @@
 
 A sweep: its trials sorted by the objective (overrides, objective, steps, time, state), and under
 ``<sweep dir>/report/``: the objective against each swept parameter, and the loss curves of the best trials on
-one chart. A run: ``<run dir>/report/curves.png`` with its loss, learning rate and throughput. Everything is
-read from the files runs write (metrics.csv, run.json, sweep.json); matplotlib draws off-screen (Agg).
+one chart. A run: ``<run dir>/report/curves.png`` with its loss, learning rate and throughput; and for a run
+with a profiler window (``profile.steps``), the time of each phase of a step per rank (a table, and
+``report/step_time.png``). Everything is read from the files runs write (metrics.csv, run.json, sweep.json,
+profile/phases.json); matplotlib draws off-screen (Agg).
 """
 
 from __future__ import annotations
@@ -201,6 +203,56 @@ def plot_run(run_dir: Path) -> list[Path]:
     return [path]
 
 
+PHASE_COLOURS = {"data_wait": "tab:gray", "forward": "tab:blue", "backward": "tab:orange",
+                 "optimizer": "tab:green", "other": "tab:olive"}  # fmt: skip
+
+
+def print_phases(phases: dict) -> None:
+    """The profiler window's table: milliseconds per step in each phase, one row per recording rank."""
+    names, ranks = phases["phases"], phases["ranks"]
+    first, last = next(iter(ranks.values()))["steps"]
+    header = ["RANK", *(n.replace("_", " ").upper() for n in names), "STEP", "COLLECTIVES"]
+    table = [header] + [
+        [rank, *(f"{f['phases_s'][n] * 1e3:.1f}" for n in names), f"{f['step_s'] * 1e3:.1f}",
+         f"{f['collectives_s'] * 1e3:.1f}"]
+        for rank, f in sorted(ranks.items(), key=lambda item: int(item[0]))
+    ]  # fmt: skip
+    widths = [max(len(row[i]) for row in table) for i in range(len(header))]
+    print(f"where a step's time goes: ms per step, mean of steps {first}-{last} (profile/)")
+    for row in table:
+        print("  ".join(cell.ljust(w) for cell, w in zip(row, widths, strict=True)).rstrip())
+    print("  collectives overlap the phases (DDP's gradient all-reduce runs during backward): not in STEP")
+
+
+def plot_phases(run_dir: Path, phases: dict) -> Path:
+    """``report/step_time.png``: per rank, a bar of the phases stacked to the step's time, and beside it the
+    time collectives were in flight."""
+    plt = _pyplot()
+    names, ranks = phases["phases"], sorted(phases["ranks"].items(), key=lambda item: int(item[0]))
+    first, last = ranks[0][1]["steps"]
+    fig, ax = plt.subplots(figsize=(max(5, 1.6 * len(ranks) + 3), 4))
+    xs = list(range(len(ranks)))
+    bottom = [0.0] * len(ranks)
+    for name in names:
+        heights = [f["phases_s"][name] * 1e3 for _, f in ranks]
+        ax.bar(
+            xs, heights, width=0.5, bottom=bottom, label=name.replace("_", " "), color=PHASE_COLOURS.get(name)
+        )
+        bottom = [b + h for b, h in zip(bottom, heights, strict=True)]
+    ax.bar([x + 0.4 for x in xs], [f["collectives_s"] * 1e3 for _, f in ranks], width=0.2, color="tab:red",
+           hatch="//", alpha=0.6, label="collectives (overlap)")  # fmt: skip
+    ax.set_xticks(xs, [f"rank {rank}" for rank, _ in ranks])
+    ax.set_ylabel("ms per step")
+    ax.set_title(f"{run_dir.name}: where a step's time goes (steps {first}-{last})", fontsize=10)
+    ax.legend(fontsize=8, loc="center left", bbox_to_anchor=(1, 0.5))
+    ax.grid(alpha=0.3, axis="y")
+    path = run_dir / "report" / "step_time.png"
+    fig.tight_layout()
+    fig.savefig(path, dpi=100)
+    plt.close(fig)
+    return path
+
+
 def main(argv: list[str]) -> int:
     if not argv or any(a in ("-h", "--help") for a in argv):
         print(USAGE, end="")
@@ -217,6 +269,10 @@ def main(argv: list[str]) -> int:
         print(f"run {state.get('name', target.name)}: {state.get('status', '?')}, {summary.get('steps', '?')} steps"
               + "".join(f", {k} {v:.4f}" for k, v in shown if isinstance(v, (int, float))))  # fmt: skip
         written = plot_run(target)
+        phases = read_json(target / rundir.PROFILE_DIR / rundir.PHASES_FILE)
+        if phases and phases.get("ranks"):
+            print_phases(phases)
+            written.append(plot_phases(target, phases))
     else:
         print(f"error: {target}: expected a sweep directory (sweep.json) or a run directory (metrics.csv)",
               file=sys.stderr)  # fmt: skip
