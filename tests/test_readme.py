@@ -299,22 +299,32 @@ def test_every_readme_and_help_command_runs_as_written(tmp_path):
     failures, ran = work.run_all(commands)
     assert not failures, f"{len(failures)} of {len(commands)} commands failed:\n\n" + "\n\n".join(failures)
 
-    # The quickstart's summary, as quoted: every line is printed (figures, hashes and paths aside).
-    quickstart = next(out for c, _, out in ran if c.text.startswith("make quickstart"))
-    (summary,) = [lines for _, lines in readme_blocks("") if lines and lines[0].startswith("finished ")]
-    printed = quickstart.splitlines()
-    for line in summary:
-        # a hash stays a hash and a figure any figure; the words around them as written
-        parts = re.split(r"(-[0-9a-f]{8}\b|\d[\d,]*(?:\.\d+)?)", line)
-        shape = "".join(
-            re.escape(part)
-            if i % 2 == 0
-            else ("-[0-9a-f]{8}" if part.startswith("-") else r"[\d,]+(?:\.\d+)?")
-            for i, part in enumerate(parts)
-        )
-        assert any(re.fullmatch(shape, p) for p in printed), (
-            f"README's quickstart line {line!r} is not printed:\n{quickstart}"
-        )
+    # Outputs quoted in the README are what the commands print, figures, hashes and alignment aside: the
+    # quickstart's summary and the memory plan.
+    for first_words, command in (("finished ", "make quickstart"), ("plan: ", "trainer plan")):
+        output = next(out for c, _, out in ran if c.text == command)
+        (quoted,) = [lines for _, lines in readme_blocks("") if lines and lines[0].startswith(first_words)]
+        for line in quoted:
+            assert any(re.fullmatch(shape_of(line), p) for p in output.splitlines()), (
+                f"README's line {line!r} (of `{command}`) is not printed:\n{output}"
+            )
+
+
+def shape_of(line: str) -> str:
+    """A pattern for a quoted output line: a hash stays a hash, a figure is any figure, runs of spaces any
+    run (columns align to the figures' widths), and the words as written."""
+    parts = re.split(r"(-[0-9a-f]{8}\b|\d[\d,]*(?:\.\d+)?| {2,})", line)
+    pattern = []
+    for i, part in enumerate(parts):
+        if i % 2 == 0:
+            pattern.append(re.escape(part))
+        elif part.startswith("-"):
+            pattern.append("-[0-9a-f]{8}")
+        elif part.startswith(" "):
+            pattern.append(" +")
+        else:
+            pattern.append(r"[\d,]+(?:\.\d+)?")
+    return "".join(pattern)
 
 
 @pytest.mark.slow
