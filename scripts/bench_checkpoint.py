@@ -4,8 +4,9 @@
 
 Trains a GPT on synthetic data with a checkpoint every --every steps (through the real `trainer train`),
 then reads the per-save figures the run logged (checkpoint/mb, checkpoint/mb_per_s, checkpoint/stall_s) and
-compares them with a plain fsync'ed sequential write of the same size to the same folder. Saving is
-synchronous: the stall is the whole time of a save (state gathered, written, fsynced, renamed).
+compares them with a plain fsync'ed sequential write of the same size to the same folder. It runs twice: with
+synchronous saves (the stall is the whole save: state gathered, written, fsynced, renamed) and with background
+saves (checkpoint.async_save: the stall is the copy of the state, plus any wait for the previous write).
 """
 
 from __future__ import annotations
@@ -44,38 +45,51 @@ def main() -> int:
 
     root = Path(args.dir).resolve()
     root.mkdir(parents=True, exist_ok=True)
-    name = f"ckpt-{args.layers}x{args.width}-{int(time.time())}"
+    figures = {mode: run(args, root, mode) for mode in ("sync", "async")}
+    sync, bg = figures["sync"], figures["async"]
+    disk = statistics.median(disk_write_mb_per_s(root, max(1, int(sync["mb"]))) for _ in range(3))
+
+    print(
+        f"checkpoint size              {sync['mb']:10.1f} MB  (GPT {args.layers} layers x {args.width}, AdamW state)"
+    )
+    print(f"checkpoint write speed       {sync['write']:10.1f} MB/s (median of {sync['saves']} saves)")
+    print(f"disk sequential write+fsync  {disk:10.1f} MB/s (same size, same folder)")
+    print(f"write speed / disk speed     {sync['write'] / disk:10.2f}")
+    print(f"median step time             {sync['step']:10.3f} s")
+    for mode, f in figures.items():
+        print(f"stall per save, {mode:<5}        {f['stall']:10.3f} s   ({f['stall'] / (args.every * f['step']):.1%} of the "
+              f"time between saves, one every {args.every} steps)")  # fmt: skip
+    print(f"async stall / sync stall     {bg['stall'] / sync['stall']:10.2f}  (target <= 0.1)")
+    print(f"async background write speed {bg['write']:10.1f} MB/s (it shares the cores with training)")
+    return 0
+
+
+def run(args: argparse.Namespace, root: Path, mode: str) -> dict[str, float]:
+    """One benchmark run with synchronous or background saves; the median figures of its saves."""
+    name = f"ckpt-{mode}-{args.layers}x{args.width}-{int(time.time())}"
     cmd = [sys.executable, "-m", "trainer", "train", "data=synthetic", f"model.n_layer={args.layers}",
            f"model.n_embd={args.width}", "model.n_head=6", "model.block_size=128", "data.batch_size=8",
            f"trainer.max_steps={args.steps}", "trainer.log_every_n_steps=1", "trainer.val_check_interval=100000",
            "trainer.enable_progress_bar=false", f"checkpoint.every_n_steps={args.every}", "checkpoint.keep_last_k=1",
-           f"run.root={root}", f"run.name={name}"]  # fmt: skip
+           f"checkpoint.async_save={str(mode == 'async').lower()}", f"run.root={root}", f"run.name={name}"]  # fmt: skip
     subprocess.run(cmd, check=True, stdout=subprocess.DEVNULL)
     with (root / name / "metrics.csv").open(newline="") as f:
         rows = list(csv.DictReader(f))
-    saves = [r for r in rows if r.get("checkpoint/mb")]
+    # the last save is the end of the run, which waits for its write whatever the mode
+    stalls = [float(r["checkpoint/stall_s"]) for r in rows if r.get("checkpoint/stall_s")][:-1]
+    sizes = [r for r in rows if r.get("checkpoint/mb_per_s")]
     steps = [
         float(r["train/step_time_s"])
         for r in rows
-        if r.get("train/step_time_s") and not r.get("checkpoint/mb")
+        if r.get("train/step_time_s") and not r.get("checkpoint/stall_s")
     ]
-    step_time = statistics.median(steps)
-    mb = statistics.median(float(r["checkpoint/mb"]) for r in saves)
-    write = statistics.median(float(r["checkpoint/mb_per_s"]) for r in saves)
-    stall = statistics.median(float(r["checkpoint/stall_s"]) for r in saves)
-    disk = statistics.median(disk_write_mb_per_s(root, max(1, int(mb))) for _ in range(3))
-    overhead = stall / (args.every * step_time)
-
-    print(
-        f"checkpoint size              {mb:10.1f} MB  (GPT {args.layers} layers x {args.width}, AdamW state)"
-    )
-    print(f"checkpoint write speed       {write:10.1f} MB/s (median of {len(saves)} saves)")
-    print(f"disk sequential write+fsync  {disk:10.1f} MB/s (same size, same folder)")
-    print(f"write speed / disk speed     {write / disk:10.2f}")
-    print(f"stall per save               {stall:10.3f} s   (training waits this long)")
-    print(f"median step time             {step_time:10.3f} s")
-    print(f"stall / time between saves   {overhead:10.1%}  (one save every {args.every} steps)")
-    return 0
+    return {
+        "stall": statistics.median(stalls),
+        "mb": statistics.median(float(r["checkpoint/mb"]) for r in sizes),
+        "write": statistics.median(float(r["checkpoint/mb_per_s"]) for r in sizes),
+        "step": statistics.median(steps),
+        "saves": len(sizes),
+    }
 
 
 if __name__ == "__main__":
