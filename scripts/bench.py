@@ -11,6 +11,8 @@ Measures, on the default GPT (experiment=gpt_quickstart) with its data and batch
      dry-run render (neither imports torch) -- target well under 1 s;
   e. checkpoint write MB/s over the disk's sequential write speed, and the stall (scripts/bench_checkpoint.py);
   f. data-wait fraction at the default settings -- target < 2%.
+  h. the profiler window's cost (profile.steps): a training step while torch.profiler records it over one
+     without, and the writing of the trace; off it is 0 by construction (no callback is added).
 With --gpu (a machine with CUDA GPUs) it measures instead, on experiment=gpt_150m (151M parameters,
 bf16-mixed, synthetic tokens): MFU against the GPU's data-sheet dense bf16 peak, eager and compiled, on one
 GPU -- target >= 40% on H100/H200 with compile; and DDP and FSDP over NCCL on all the machine's GPUs (scaling
@@ -27,6 +29,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import math
 import os
 import platform
 import subprocess
@@ -152,6 +155,7 @@ def main() -> int:
                  "compile, not counted)"))  # fmt: skip
     rows.append(("f. data-wait fraction", f"{main_run['data_wait_frac']:.2%}", "target < 2%"))
 
+    rows.append(profiler_cost(work, args.repeats))
     # b: DDP and FSDP scaling, one thread per rank, interleaved
     one_thread = {"OMP_NUM_THREADS": "1"}
     tps: dict[str, list[float]] = {"one": [], "ddp": [], "fsdp": []}
@@ -189,6 +193,61 @@ def main() -> int:
             rows.append((f"e. checkpoint {label}", value.split()[0], " ".join(value.split()[1:])))
 
     return write_table(args, rows, f"{platform.machine()}-{os.cpu_count()}cpu")
+
+
+def profiler_cost(work: Path, repeats: int) -> tuple[str, str, str]:
+    """h: the quickstart GPT's training step (as in the hand-written loop) while torch.profiler records it, as a
+    profile window does (CPU activities; no shapes, memory or stacks), over the same step without it: short
+    blocks of 3 steps, interleaved (a busy machine's slow spells then fall on both), the best step of each; and
+    the writing of a 10-step trace and operator table. Off, a window costs nothing by construction: its callback
+    is not added."""
+    import torch
+    from torch.profiler import ProfilerActivity, profile
+
+    from trainer.config.compose import compose, session
+    from trainer.fit import build_data, build_model
+    from trainer.optim import param_groups
+
+    os.environ.setdefault("KINETO_LOG_LEVEL", "6")  # as the window sets it
+    with session():
+        c = compose(BASE, where="local")
+    torch.manual_seed(c.conf.seed)
+    model, data = build_model(c), build_data(c)
+    data.setup("fit")
+    optimizer = model.optimizer(param_groups(model))
+    batches = iter(data.train_dataloader())
+    model.train()
+
+    def step() -> float:
+        started = time.perf_counter()
+        model._loss(next(batches)).backward()
+        optimizer.step()
+        optimizer.zero_grad(set_to_none=True)
+        return time.perf_counter() - started
+
+    for _ in range(3):  # warm-up
+        step()
+    best = {"off": math.inf, "on": math.inf}
+    for _ in range(5 * repeats):
+        for kind in ("off", "on"):
+            recorder = profile(activities=[ProfilerActivity.CPU]) if kind == "on" else None
+            if recorder is not None:
+                recorder.start()
+            best[kind] = min(best[kind], *(step() for _ in range(3)))
+            if recorder is not None:
+                recorder.stop()
+    recorder = profile(activities=[ProfilerActivity.CPU])
+    recorder.start()
+    for _ in range(10):
+        step()
+    recorder.stop()
+    started = time.perf_counter()
+    recorder.export_chrome_trace(str(work / "trace.json"))
+    recorder.key_averages().table(sort_by="self_cpu_time_total", row_limit=30)
+    written = time.perf_counter() - started
+    return ("h. profiler window, step time on / off - 1", f"{best['on'] / best['off'] - 1:+.1%}",
+            f"best step {best['on'] * 1e3:.0f} ms recording vs {best['off'] * 1e3:.0f} ms; writing a 10-step "
+            f"window's trace and table {written:.1f} s once; off: 0 by construction (no callback)")  # fmt: skip
 
 
 def write_table(args: argparse.Namespace, rows: list[tuple[str, str, str]], machine: str) -> int:
