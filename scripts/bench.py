@@ -10,7 +10,9 @@ Measures, on the default GPT (experiment=gpt_quickstart) with its data and batch
   d. start-up: process start to the end of the first step of `trainer train`; `trainer --help` and a SLURM
      dry-run render (neither imports torch) -- target well under 1 s;
   e. checkpoint write MB/s over the disk's sequential write speed, and the stall (scripts/bench_checkpoint.py);
-  f. data-wait fraction at the default settings -- target < 2%.
+  f. data-wait fraction at the default settings -- target < 2%;
+  g. device telemetry's cost: tokens/s with it off (logger.telemetry_interval_s=0) over on (the default), and
+     the sampler thread's own CPU time per second -- target < 1%.
   h. the profiler window's cost (profile.steps): a training step while torch.profiler records it over one
      without, and the writing of the trace; off it is 0 by construction (no callback is added).
 With --gpu (a machine with CUDA GPUs) it measures instead, on experiment=gpt_150m (151M parameters,
@@ -154,6 +156,7 @@ def main() -> int:
                  f"{gain:.2f}x eager tokens/s (same peak as eager; the first logged window, with the "
                  "compile, not counted)"))  # fmt: skip
     rows.append(("f. data-wait fraction", f"{main_run['data_wait_frac']:.2%}", "target < 2%"))
+    rows.append(telemetry_cost(work, args.steps, args.repeats))
 
     rows.append(profiler_cost(work, args.repeats))
     # b: DDP and FSDP scaling, one thread per rank, interleaved
@@ -193,6 +196,34 @@ def main() -> int:
             rows.append((f"e. checkpoint {label}", value.split()[0], " ".join(value.split()[1:])))
 
     return write_table(args, rows, f"{platform.machine()}-{os.cpu_count()}cpu")
+
+
+def telemetry_cost(work: Path, steps: int, repeats: int) -> tuple[str, str, str]:
+    """g: step time with device telemetry on (the default interval) against off, interleaved, best of each;
+    and what the sampler thread costs by its own CPU clock, the figure that resolves well under 1% (on a small
+    shared CPU the end-to-end ratio moves by a few % from run to run either way)."""
+    from trainer.config.schema import LoggerConfig
+    from trainer.metrics.telemetry import Sampler
+
+    tps: dict[str, list[float]] = {"on": [], "off": []}
+    for i in range(repeats):
+        kinds = [("off", ["logger.telemetry_interval_s=0"]), ("on", [])]
+        for kind, extra in kinds if i % 2 == 0 else kinds[::-1]:  # alternated: drift hits both alike
+            trainer(
+                ["train", *BASE, f"trainer.max_steps={steps}", *extra, f"run.name=telemetry-{kind}{i}"], work
+            )
+            tps[kind].append(summary(work, f"telemetry-{kind}{i}")["tokens_per_sec"])
+    on, off = max(tps["on"]), max(tps["off"])
+    interval = LoggerConfig().telemetry_interval_s
+    sampler, seconds = Sampler(0.05), 2.0  # fast, to count many samples; then scaled to the default interval
+    sampler.start()
+    time.sleep(seconds)
+    sampler.stop()
+    per_sample = sampler.cpu_s / (seconds / 0.05)
+    return ("g. telemetry cost, step time on / off - 1", f"{off / on - 1:+.2%}",
+            f"best {off:,.0f} tokens/s off vs {on:,.0f} on, per repeat {spread(tps['off'], tps['on'])}; "
+            f"sampler {per_sample * 1e3:.2f} ms CPU per sample, {per_sample / interval:.3%} of one core at "
+            f"{interval:g} s (target < 1%)")  # fmt: skip
 
 
 def profiler_cost(work: Path, repeats: int) -> tuple[str, str, str]:

@@ -114,7 +114,9 @@ class CSVMetricsLogger(pl.loggers.Logger):
 
     def _write(self, rows: list[dict], truncate_at: int | None = None) -> None:
         new_keys = [k for r in rows for k in r if k not in self.columns]
-        if new_keys:  # a module logged a key of its own: widen the file once, keeping earlier rows
+        # A key the header lacks (a module's own metric; telemetry columns after resuming a file written without
+        # them): widen the file once, earlier rows keeping empty cells.
+        if new_keys:
             existing = []
             if self.path.exists():
                 with self.path.open(newline="") as f:
