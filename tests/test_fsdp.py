@@ -111,7 +111,8 @@ def test_fsdp_trains_like_ddp_with_sharded_parameters(cli, text_corpus):
     )
 
 
-def test_activation_checkpointing_bf16_parameters_and_compile(cli, text_corpus):
+def test_activation_checkpointing_and_bf16_parameters(cli, text_corpus):
+    """(Compiling the sharded model is tested in the gpu tier; on CPU its compile time cost ~30 s of CI.)"""
     data = f"data.path={text_corpus}"
     base = [data, *COMMON, "strategy=fsdp", "trainer.max_steps=6", "trainer.val_check_interval=3"]
     plain = cli("train", *base, "run.name=plain")
@@ -120,14 +121,8 @@ def test_activation_checkpointing_bf16_parameters_and_compile(cli, text_corpus):
     assert ac.returncode == 0, ac.output
     bf16 = cli("train", *base, "precision=bf16-mixed", "run.name=bf16")
     assert bf16.returncode == 0, bf16.output
-    compiled = cli("train", *base, "model.compile=true", "run.name=compiled")
-    assert compiled.returncode == 0, compiled.output
     runs = plain.cwd / "runs"
-    loss = {
-        name: column(read_metrics(runs / name), "train/loss") for name in ("plain", "ac", "bf16", "compiled")
-    }
-    # torch.compile of the sharded model: Inductor's fused kernels add in another order, nothing more.
-    assert loss["compiled"] == pytest.approx(loss["plain"], rel=1e-4)
+    loss = {name: column(read_metrics(runs / name), "train/loss") for name in ("plain", "ac", "bf16")}
     # Recomputing activations in the backward pass computes the same numbers again.
     assert loss["ac"] == pytest.approx(loss["plain"], rel=1e-6)
     assert summary(runs / "ac")["sharding"]["checkpointed_units"] == 2  # each block recomputes

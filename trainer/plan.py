@@ -630,7 +630,7 @@ def main(argv: list[str]) -> int:
         # a cluster profile: checked for its nodes, as `trainer submit` does; else for this machine
         remote = any(o.startswith("cluster=") and o != "cluster=local" for o in overrides)
         with session():
-            c = compose(overrides, config_dir, where="cluster" if remote else "local")
+            c = compose(overrides, config_dir, where="cluster" if remote else "plan")
         from trainer import namespace
 
         namespace.select(c.namespace or namespace.DEFAULT)  # the Lightning of the user's classes

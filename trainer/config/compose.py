@@ -261,6 +261,7 @@ def check(
     from trainer import namespace
     from trainer.config import targets
     from trainer.config.validate import (
+        _check_portable,
         check_components,
         check_finite,
         check_for_cluster,
@@ -285,7 +286,13 @@ def check(
     if conf.sweep.direction is None:  # the objective's direction follows the checkpoint metric's mode
         conf.sweep.direction = "maximize" if conf.checkpoint.mode == "max" else "minimize"
         cfg.sweep.direction = conf.sweep.direction
-    accelerator = check_for_cluster(conf) if where == "cluster" else check_here(conf)
+    if where == "cluster":
+        accelerator = check_for_cluster(conf)
+    elif where == "plan":  # `trainer plan`: any hardware, planned without using it (no machine checks)
+        _check_portable(conf)
+        accelerator = conf.trainer.accelerator
+    else:
+        accelerator = check_here(conf)
     resolved = OmegaConf.to_container(cfg, resolve=True)
     check_finite(resolved)
     experiment = choices.get("experiment")

@@ -65,11 +65,12 @@ def gpu_peak_flops(device_name: str, dtype: str) -> float | None:
     return None
 
 
-def measure_cpu_peak_flops(n: int = 1024, seconds: float = 0.5) -> float:
+def measure_cpu_peak_flops(n: int = 1024, seconds: float = 0.2) -> float:
     """Best fp32 matmul FLOP/s of this process (with its torch thread count) over a short run.
 
     The best of several timed products, not the mean: the peak is what the hardware can do, and a noisy
-    shared machine only ever makes single measurements slower.
+    shared machine only ever makes single measurements slower. 0.2 s is about ten products on 2 cores (every
+    run pays it at start-up).
     """
     import torch
 
