@@ -35,7 +35,7 @@ examples:
   trainer train --cfg job                         # print the composed config and exit
   trainer submit cluster=slurm trainer.num_nodes=2 strategy=ddp   # 2 nodes on SLURM
   trainer submit --dry-run cluster=slurm          # print the sbatch script and the checks
-  trainer plan experiment=gpt_150m cluster=slurm cluster.gpus_per_node=1 cluster.gpu_mem_gb=80   # fits an 80 GB GPU?
+  trainer plan experiment=gpt_150m cluster=slurm cluster.gpus_per_node=1 cluster.gpu_mem_gb=6   # fits a 6 GB GPU?
   trainer train -m optim.lr=1e-3,3e-4 model.n_layer=2,4       # a 4-trial grid sweep here
   trainer status runs/                            # every run under runs/
   trainer report runs/sweep-gpt_quickstart-<hash>  # trials sorted by val/loss, plots

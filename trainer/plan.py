@@ -47,7 +47,7 @@ options:
 
 examples:
   trainer plan                                         # the default experiment on this machine
-  trainer plan experiment=gpt_150m cluster=slurm cluster.gpus_per_node=1 cluster.gpu_mem_gb=80
+  trainer plan experiment=gpt_150m cluster=slurm cluster.gpus_per_node=1 cluster.gpu_mem_gb=6
   trainer plan strategy=fsdp trainer.devices=8 strategy.activation_checkpointing=true --json
 """
 
