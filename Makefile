@@ -22,7 +22,10 @@ train: $(STAMP) ## train with Hydra overrides: make train ARGS="experiment=digit
 	$(VENV)/bin/trainer train $(ARGS)
 
 test: $(STAMP) lint slurm-deps ## set up, lint, then run every test tier that needs no GPU (what CI runs)
-	$(PY) -m pytest -m "not gpu" $(ARGS)
+	$(PY) -m pytest -m "not gpu and not extended" $(ARGS)
+
+test-extended: $(STAMP) slurm-deps ## the extended tier: slower tests CI leaves out to stay within 30 minutes
+	$(PY) -m pytest -m extended $(ARGS)
 
 # The slurm-marked tests bring up a real 2-node SLURM cluster on this machine (root, Debian's packages).
 # Where the packages cannot be installed (not root, not Debian) those tests are skipped, and say why.
@@ -47,4 +50,4 @@ clean: ## remove caches (keeps .venv and runs/)
 	rm -rf .pytest_cache .ruff_cache build dist *.egg-info
 	find . -name __pycache__ -type d -prune -not -path './$(VENV)/*' -exec rm -rf {} +
 
-.PHONY: help setup quickstart train test test-unit slurm-deps bench lint format clean
+.PHONY: help setup quickstart train test test-extended test-unit slurm-deps bench lint format clean

@@ -149,6 +149,7 @@ def test_fsdp_preempted_and_killed_resumes_bit_for_bit(tmp_path, text_corpus):
     assert [int(r["step"]) for r in rows if r["train/loss"]] == list(range(1, 31))
 
 
+@pytest.mark.extended
 def test_resume_two_ranks_on_one(tmp_path, text_corpus):
     """Saved by 2 ranks (batch 8 each), continued by 1 rank (batch 16): the same global batches, so the
     result is the uninterrupted 2-rank run's within the DDP tolerance; the shards are resharded on load."""

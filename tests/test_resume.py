@@ -80,6 +80,7 @@ def test_two_process_ddp_preempted_and_killed(tmp_path, env, text_corpus):
 
 
 @pytest.mark.slow
+@pytest.mark.extended
 def test_train_longer_from_a_checkpoint_at_the_end_of_an_epoch(tmp_path, env):
     # 22 batches per epoch, 3 per step: step 8 ends epoch 0 with a partial accumulation. Lightning counts one
     # epoch too many after restarting from there; the data order must not follow it.

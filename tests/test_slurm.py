@@ -198,6 +198,7 @@ def test_preempted_job_requeues_itself_and_resumes_exactly(tmp_path, env):
     print(f"requeue to resume: {second['started'] - first['ended']:.1f}s (preempted at step {saved_at})")
 
 
+@pytest.mark.extended
 def test_the_batch_shell_outlives_a_sigterm_aimed_at_it(tmp_path, env):
     """A SIGTERM to the batch shell alone (scancel --batch; also part of some preemption set-ups) must not
     end the job: the shell waits for the training step and still acts on its exit code."""

@@ -49,6 +49,7 @@ def attempts(run_dir: Path) -> list[dict]:
 
 
 @pytest.mark.slow
+@pytest.mark.extended
 def test_grid_sweep_runs_every_trial_and_reports(tmp_path, env):
     args = ["train", "-m", *TINY, "trainer.max_steps=10", "optim.lr=0.01,0.001", "model.hidden=[16],[32]",
             "logger=[csv,wandb]"]  # fmt: skip
@@ -134,6 +135,7 @@ def test_interrupted_sweep_resumes_and_skips_finished_trials(tmp_path, env):
 
 
 @pytest.mark.slow
+@pytest.mark.extended
 def test_optuna_workers_in_two_processes_share_one_study(tmp_path, env):
     import optuna
 

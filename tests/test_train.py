@@ -125,6 +125,7 @@ def test_golden_loss_curve(cli, text_corpus):
     assert losses == pytest.approx(golden["train/loss"], abs=GOLDEN_ATOL)
 
 
+@pytest.mark.extended
 def test_compiled_model_follows_the_golden_curve(cli, text_corpus):
     """model.compile=true (Inductor's C++ kernels on CPU) trains the same model: the golden curve within its
     tolerance, and a checkpoint with the eager module's parameter names (so resume and export do not care)."""

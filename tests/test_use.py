@@ -7,6 +7,7 @@ import pytest
 pytestmark = pytest.mark.slow
 
 
+@pytest.mark.extended
 def test_sample_text_from_a_trained_gpt_and_evaluate_a_classifier(cli):
     gpt = cli(
         "train", "debug=smoke", "trainer.max_steps=3", "model.n_layer=1", "model.n_embd=32", "model.n_head=2"

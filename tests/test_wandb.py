@@ -105,6 +105,7 @@ def test_resume_continues_the_same_wandb_run(tmp_path, env):
 
 
 @pytest.mark.slow
+@pytest.mark.extended
 def test_a_continued_directory_keeps_its_wandb_run_when_the_derived_name_changes(tmp_path, env):
     # run.dir pinned, run.name derived from the config: max_steps=20 after 10 gives another name, the same dir
     first = train(tmp_path, env, *DIGITS, "trainer.max_steps=10", "run.dir=runs/pinned")
