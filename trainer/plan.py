@@ -2,8 +2,8 @@
 
 How the figures are made (no GPU, no process group, nothing written):
 
-- The model and its optimizer are built under ``FakeTensorMode``: every tensor has its shape and dtype and no
-  storage, so a 7B-parameter model is planned in seconds on a laptop.
+- The model is built on the meta device and then given fake storage (``FakeTensorMode``), and its optimizer
+  is built on it: every tensor has its shape and dtype and no memory, so a large model is planned in seconds.
 - Parameters, gradients and optimizer state are counted from those objects, exactly: the optimizer takes one
   step, so its state is what it really allocates (AdamW: two tensors per parameter and a step counter).
 - Activations are measured, not modelled: one training step (``training_step``, backward, optimizer step) runs
@@ -225,8 +225,7 @@ def measure(c: Any, activation_checkpointing: bool = False) -> Measured:
     precision = c.conf.precision.value
     batch = _batch_of(c)
     fake = FakeTensorMode(allow_non_fake_inputs=True)
-    quiet = warnings.catch_warnings()
-    with quiet:
+    with warnings.catch_warnings():
         warnings.simplefilter("ignore")
         # Built on the meta device (an __init__ that copies its arguments, as save_hyperparameters does,
         # cannot copy fake tensors), then given fake CPU storage: the step runs CPU kernels (flash
@@ -344,10 +343,8 @@ def per_device(m: Measured, layout: Layout) -> PerDevice:
         _shard(ts, n) * size if ts == ps else math.prod(ts) * size for ps, ts, size in m.optimizer_state
     )
     full_grads = sum(math.prod(s) * size for s, size, trains in m.param_shapes if trains)
-    full_optimizer = sum(math.prod(ts) * size for _, ts, size in m.optimizer_state)
     # the step's peak holds the full gradients (not sharded, not yet freed); the rest is activations
     activations = None if m.step_peak_bytes is None else max(0, m.step_peak_bytes - full_grads)
-    del full_optimizer  # created before the measured step: not part of its peak
     comm = 0
     if layout.strategy == "ddp" and layout.world > 1:
         comm = full_grads  # DDP's gradient buckets: a second copy of the gradients
