@@ -13,6 +13,7 @@ import shutil
 import signal
 import subprocess
 import sys
+import tempfile
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -191,7 +192,8 @@ CLUSTER = REPO / "scripts" / "slurm-test-cluster"
 
 @pytest.fixture(scope="session")
 def slurm_conf() -> str:
-    """Bring the test cluster up for the session (or use one that is already up) and take it down after."""
+    """The test cluster for the session: one already up at the default root (a developer's), else a fresh one
+    under its own root, taken down after. Its own root and slot let two test sessions share a machine."""
     missing = [b for b in ("slurmctld", "slurmd", "sbatch", "munged") if shutil.which(b) is None]
     why = "the SLURM tests need root" if os.geteuid() != 0 else None
     why = why or (
@@ -201,12 +203,16 @@ def slurm_conf() -> str:
         if os.environ.get("CI"):
             pytest.fail(why)
         pytest.skip(why)
-    env_line = subprocess.run([str(CLUSTER), "env"], capture_output=True, text=True, check=True).stdout
-    conf = env_line.strip().split("=", 1)[1]
-    already_up = subprocess.run([str(CLUSTER), "status"], capture_output=True).returncode == 0
-    if not already_up:
-        up = subprocess.run([str(CLUSTER), "up"], capture_output=True, text=True, timeout=120)
+    env = {k: v for k, v in os.environ.items() if k != "SLURM_TEST_ROOT"}
+    if subprocess.run([str(CLUSTER), "status"], capture_output=True, env=env).returncode != 0:
+        root = tempfile.mkdtemp(prefix="trainer-slurm-test-")
+        os.chmod(root, 0o755)  # munged runs as user munge and must reach its socket under the root
+        env["SLURM_TEST_ROOT"] = root
+        up = subprocess.run([str(CLUSTER), "up"], capture_output=True, text=True, timeout=120, env=env)
+        if up.returncode != 0:
+            subprocess.run([str(CLUSTER), "down"], capture_output=True, timeout=120, env=env)
         assert up.returncode == 0, up.stdout + up.stderr
-    yield conf
-    if not already_up:
-        subprocess.run([str(CLUSTER), "down"], capture_output=True, timeout=120)
+    env_line = subprocess.run([str(CLUSTER), "env"], capture_output=True, text=True, check=True, env=env)
+    yield env_line.stdout.strip().split("=", 1)[1]
+    if "SLURM_TEST_ROOT" in env:
+        subprocess.run([str(CLUSTER), "down"], capture_output=True, timeout=120, env=env)
