@@ -199,6 +199,7 @@ def build_trainer(
 
         callbacks.append(OptunaPruning(json.loads(os.environ[OPTUNA_ENV])))
     callbacks += build_callbacks(c)
+    callbacks.append(monitor.end_clock())  # last: the work of the callbacks above is not data wait
     plugins: list[Any] = [AtomicCheckpointIO(async_save=checkpoint.async_save)]
     SLURMEnvironment = fabric_module("plugins.environments").SLURMEnvironment
     if SLURMEnvironment.detect():

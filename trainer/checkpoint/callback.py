@@ -97,17 +97,11 @@ def restore_rng(state: dict[str, Any]) -> None:
             torch.cuda.set_rng_state(cuda, device)
 
 
-def _grads_finite(params: list[torch.Tensor]) -> bool:
-    """Whether every gradient is finite. Sharded (FSDP) gradients are checked shard by shard and the verdict
-    is agreed between ranks, so all of them skip a step or none does."""
-    sharded = any(hasattr(p.grad, "to_local") for p in params)
+def _grads_bad(params: list[torch.Tensor]) -> torch.Tensor:
+    """1.0 on the device where a gradient (or, under FSDP, this rank's shard of one) is not finite, else 0.0.
+    Left on the device: the caller reads it with its other per-step flags in one transfer."""
     grads = [p.grad.to_local() if hasattr(p.grad, "to_local") else p.grad for p in params]
-    finite = torch.isfinite(torch.stack(torch._foreach_norm(grads))).all()
-    if not sharded:
-        return bool(finite)
-    flag = torch.tensor([0.0 if finite else 1.0], device=grads[0].device)
-    torch.distributed.all_reduce(flag, op=torch.distributed.ReduceOp.MAX)
-    return flag.item() == 0.0
+    return (~torch.isfinite(torch.stack(torch._foreach_norm(grads))).all()).float()
 
 
 class Checkpointer(pl.Callback):
@@ -141,6 +135,10 @@ class Checkpointer(pl.Callback):
         self._last_saved_step: int | None = None
         self._last_save_time = time.monotonic()
         self._nonfinite_pending: str | None = None
+        # The step's loss check stays on the device until the one read per step (_read_step_flags).
+        self._loss_bad: torch.Tensor | None = None
+        self._bad_loss: torch.Tensor | None = None
+        self._agreed: tuple[int, list[bool]] | None = None  # (step, [preempt, time_due, nonfinite])
         self._timeout_tightened = False
         self._at_step_boundary = True
         self._writer: AsyncWriter | None = None
@@ -224,30 +222,59 @@ class Checkpointer(pl.Callback):
     def on_before_backward(
         self, trainer: pl.Trainer, pl_module: pl.LightningModule, loss: torch.Tensor
     ) -> None:
-        if not torch.isfinite(loss.detach()).all():
-            self._nonfinite_pending = f"loss {float(loss.detach())}"
+        # No `if` on the device's value here: that would make the host wait for the GPU at every micro-batch.
+        loss = loss.detach().float()
+        bad = ~torch.isfinite(loss).all()
+        if self._loss_bad is None:
+            self._loss_bad, self._bad_loss = bad, loss.reshape(-1)[0]
+        else:  # keep the first non-finite value of the accumulation for the message
+            self._bad_loss = torch.where(bad & ~self._loss_bad, loss.reshape(-1)[0], self._bad_loss)
+            self._loss_bad = self._loss_bad | bad
 
     def on_before_optimizer_step(
         self, trainer: pl.Trainer, pl_module: pl.LightningModule, optimizer: torch.optim.Optimizer
     ) -> None:
         params = [p for group in optimizer.param_groups for p in group["params"] if p.grad is not None]
+        loss_bad, self._loss_bad = self._loss_bad, None
         if not params:
             return
-        reason = self._nonfinite_pending
-        # Gradients are all-reduced already, so every rank sees the same verdict (fp16 overflow is the
-        # grad scaler's business, it skips those steps itself). Checked on every rank even when the loss
-        # already says why: with sharded gradients the check is a collective that all ranks must join.
-        grads_finite = trainer.precision == "16-mixed" or _grads_finite(params)
-        if reason is None and not grads_finite:
-            reason = "gradient"
-        if reason is None:
+        # Gradients are all-reduced already under DDP, so every rank sees the same gradient verdict (fp16
+        # overflow is the grad scaler's business, it skips those steps itself); sharded gradients and the
+        # losses are agreed below, so every rank skips a step or none does.
+        device = params[0].grad.device
+        zero = torch.zeros((), device=device)
+        grads_bad = zero if trainer.precision == "16-mixed" else _grads_bad(params)
+        mine = loss_bad.to(device).float() if loss_bad is not None else zero
+        preempt, time_due, loss_any, grads_any = self._read_step_flags(trainer, device, mine, grads_bad)
+        self._agreed = (trainer.global_step + 1, [preempt, time_due, loss_any or grads_any])
+        if not (loss_any or grads_any):
             return
         for p in params:
             p.grad = None  # the optimizer skips parameters without a gradient: the weights stay as they were
         step = trainer.global_step + 1
+        if mine.item():
+            reason = f"loss {float(self._bad_loss)}"
+        else:
+            reason = "gradient" if grads_any else "loss on another rank"
         self._nonfinite_pending = f"non-finite {reason} at step {step} on rank {trainer.global_rank}"
         if self.on_nonfinite == "skip":
             log.warning("skipped step %d: non-finite %s (trainer.on_nonfinite_loss=skip)", step, reason)
+
+    def _read_step_flags(
+        self, trainer: pl.Trainer, device: torch.device, loss_bad: torch.Tensor, grads_bad: torch.Tensor
+    ) -> list[bool]:
+        """The step's one device-to-host read: [a stop signal arrived, a timed save is due, a loss was not
+        finite, a gradient was not finite], each the OR over every rank (one all-reduce of four numbers).
+        The signal and the timer ride along so that every rank acts on them at the same step."""
+        host = torch.tensor([float(self.received_signal is not None), float(self._time_due())], device=device)
+        flags = torch.cat([host, loss_bad.reshape(1), grads_bad.reshape(1)])
+        if trainer.world_size > 1:
+            torch.distributed.all_reduce(flags, op=torch.distributed.ReduceOp.MAX)
+        return [bool(v) for v in flags.tolist()]
+
+    def _time_due(self) -> bool:
+        elapsed = time.monotonic() - self._last_save_time
+        return bool(self.every_n_minutes) and elapsed >= 60 * self.every_n_minutes
 
     def on_train_batch_end(
         self, trainer: pl.Trainer, pl_module: pl.LightningModule, outputs: Any, batch: Any, batch_idx: int
@@ -258,14 +285,15 @@ class Checkpointer(pl.Callback):
             return  # inside a gradient accumulation: not a step boundary
         self._last_step = step
         self._tighten_timeout(trainer)
-        time_due = (
-            bool(self.every_n_minutes)
-            and time.monotonic() - self._last_save_time >= 60 * self.every_n_minutes
-        )
-        nonfinite = self._nonfinite_pending is not None and self.on_nonfinite == "stop"
-        preempt, time_due, nonfinite = self._agree(
-            trainer, [self.received_signal is not None, time_due, nonfinite]
-        )
+        if self._agreed is not None and self._agreed[0] == step:
+            preempt, time_due, nonfinite = self._agreed[1]  # read with the step's gradient check
+            nonfinite = nonfinite and self.on_nonfinite == "stop"
+        else:  # no optimizer step went through this callback (no gradients): agree here
+            nonfinite = self._nonfinite_pending is not None and self.on_nonfinite == "stop"
+            preempt, time_due, nonfinite = self._agree(
+                trainer, [self.received_signal is not None, self._time_due(), nonfinite]
+            )
+        self._agreed = None
         self._nonfinite_pending = None if not nonfinite else self._nonfinite_pending
         if preempt:
             self.preempted = True

@@ -223,7 +223,7 @@ class OwnTime:
     pass, up to the backward where DDP's gradient all-reduce makes every rank wait for the slowest.
 
     - The wait right after a logged step is left out: rank zero writes the row while the others already wait
-      in the next collective (the checkpointer's per-step all-reduce), which would make them look slow.
+      in the next collective (the gradient all-reduce), which would make them look slow.
     - On a GPU the host only queues kernels, so the forward is timed by CUDA events, read once per window
       when the loss has already been synchronised.
     - Under FSDP the forward holds all-gathers, so there mainly a slow data wait shows.

@@ -67,7 +67,7 @@ class ThroughputMonitor(pl.Callback):
         self._last_step: int | None = None
 
     def _reset_window(self) -> None:
-        self._loss_sum = 0.0
+        self._loss_sum: Any = 0.0  # a tensor on the model's device once a loss arrives
         self._loss_count = 0
         self._samples = 0
         self._data_wait = 0.0
@@ -120,7 +120,9 @@ class ThroughputMonitor(pl.Callback):
         loss = outputs["loss"] if isinstance(outputs, dict) else outputs
         if loss is not None:
             # Lightning hands back the loss divided by the accumulation factor; undo it for the logged value.
-            self._loss_sum += float(loss.detach()) * trainer.accumulate_grad_batches
+            # Summed on the device and read at logging steps only: float() here would make the host wait
+            # for the GPU at every batch.
+            self._loss_sum = self._loss_sum + loss.detach().float() * trainer.accumulate_grad_batches
             self._loss_count += 1
         self._samples += _batch_size(batch)
         self.trained_samples += _batch_size(batch)
@@ -133,7 +135,13 @@ class ThroughputMonitor(pl.Callback):
             self._window_steps += 1
             if step % self.log_every_n_steps == 0:
                 self._log(trainer, pl_module, step)
-        self._last_batch_end = time.perf_counter()
+        self._last_batch_end = time.perf_counter()  # BatchEndClock sets it again after the other callbacks
+
+    def end_clock(self) -> pl.Callback:
+        """The callback to register last: it restarts the data-wait clock after every other callback's work at
+        a batch's end (a checkpoint save, a user's callback), so that work counts in the step, not as data
+        wait."""
+        return BatchEndClock(self)
 
     def on_validation_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
         self._last_batch_end = None  # validation time is not data wait
@@ -153,7 +161,7 @@ class ThroughputMonitor(pl.Callback):
         if self.own_time is not None and self._window_steps:
             own = self.own_time.take() / self._window_steps
         host, gpu = self.sampler.latest() if self.sampler is not None else ({}, {})
-        mine = [self._loss_sum, float(self._loss_count), float(self._samples), own]
+        mine = [float(self._loss_sum), float(self._loss_count), float(self._samples), own]
         if self.telemetry_interval_s and pl_module.device.type == "cuda":  # the same layout on every rank
             mine += gpu_vector(gpu)
         stats = torch.tensor([mine], dtype=torch.float64)
@@ -270,3 +278,15 @@ def _batch_size(batch: Any) -> int:
     if isinstance(batch, dict) and batch:
         return _batch_size(next(iter(batch.values())))
     return 0
+
+
+class BatchEndClock(pl.Callback):
+    """See ThroughputMonitor.end_clock."""
+
+    def __init__(self, monitor: ThroughputMonitor) -> None:
+        self.monitor = monitor
+
+    def on_train_batch_end(
+        self, trainer: pl.Trainer, pl_module: pl.LightningModule, outputs: Any, batch: Any, batch_idx: int
+    ) -> None:
+        self.monitor._last_batch_end = time.perf_counter()
