@@ -381,3 +381,46 @@ def test_status_finds_runs_in_subfolders_and_counts_local_restarts(tmp_path, cap
     assert status_main([str(tmp_path / "runs/debug/b")]) == 0
     out = capsys.readouterr().out
     assert "restarts   2" in out and f"log        {tmp_path}/runs/debug/b/logs/rank-0.log" in out
+
+
+@pytest.mark.unit
+@pytest.mark.parametrize(("visible", "local_rank", "drives"), [(1, 2, 0), (2, 3, 1), (4, 3, 3)])
+def test_a_task_shown_only_its_own_gpus_drives_one_of_them(monkeypatch, visible, local_rank, drives):
+    """Sites that bind GPUs to SLURM tasks (--gpus-per-task, --gpu-bind) show each task 1 or 2 of a node's 4:
+    Lightning alone refuses devices=4 there (Lightning-AI/pytorch-lightning#16828). No GPU here: the CUDA
+    device count is mocked, the rest is Lightning's own Trainer set-up under SLURM's task variables."""
+    import lightning_fabric.accelerators.cuda as fabric_cuda
+    from lightning_fabric.plugins.environments import SLURMEnvironment
+    from lightning_fabric.utilities.exceptions import MisconfigurationException
+
+    from trainer.config.compose import compose, session
+    from trainer.config.validate import check_here
+    from trainer.namespace import pl
+    from trainer.strategy.devices import lightning_accelerator
+
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+    monkeypatch.setattr(torch.cuda, "device_count", lambda: visible)
+    monkeypatch.setattr(fabric_cuda, "num_cuda_devices", lambda: visible)
+    task = {"SLURM_JOB_ID": "77", "SLURM_JOB_NAME": "train", "SLURM_NTASKS": "4", "SLURM_NTASKS_PER_NODE": "4",
+            "SLURM_NNODES": "1", "SLURM_NODEID": "0", "SLURM_PROCID": str(local_rank),
+            "SLURM_LOCALID": str(local_rank), "SLURM_NODELIST": "gpu01"}  # fmt: skip
+    for key, value in task.items():
+        monkeypatch.setenv(key, value)
+
+    def trainer(accelerator):
+        return pl.Trainer(accelerator=accelerator, devices=4, num_nodes=1, strategy="ddp", logger=False,
+                          plugins=[SLURMEnvironment(auto_requeue=False)], enable_progress_bar=False)  # fmt: skip
+
+    if visible < 4:
+        with pytest.raises(MisconfigurationException, match="only has"):
+            trainer("gpu")
+    ours = trainer(lightning_accelerator("gpu", 4))
+    assert ours.strategy.root_device == torch.device("cuda", drives)
+    assert (ours.world_size, ours.global_rank, ours.local_rank) == (4, local_rank, local_rank)
+    with session():
+        conf = compose(["trainer.accelerator=gpu", "trainer.devices=4", "strategy=ddp"], where="plan").conf
+    assert check_here(conf) == "gpu"
+    monkeypatch.delenv("SLURM_NTASKS")  # the same process outside SLURM: 4 devices are not there to spawn on
+    if visible < 4:
+        with pytest.raises(ConfigError, match=f"trainer.devices=4: expected at most {visible}"):
+            check_here(conf)

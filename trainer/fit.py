@@ -37,6 +37,7 @@ from trainer.metrics.wandb_logger import SafeWandbLogger, build_wandb_logger
 from trainer.namespace import fabric_module, pl, pl_module
 from trainer.protocols import ShardingReport, StopsRun
 from trainer.strategy import build_strategy
+from trainer.strategy.devices import lightning_accelerator
 from trainer.sweep import OPTUNA_ENV
 
 log = logging.getLogger("trainer")
@@ -214,7 +215,7 @@ def build_trainer(
             loggers.append(wandb_logger)
     loggers += build_extra_loggers(c)
     pl_trainer = pl.Trainer(
-        accelerator=accelerator,
+        accelerator=lightning_accelerator(accelerator, trainer.devices),
         devices=trainer.devices,
         num_nodes=trainer.num_nodes,
         strategy=build_strategy(strategy, str(precision.value), accelerator),

@@ -18,6 +18,7 @@ from omegaconf import DictConfig, OmegaConf
 
 from trainer.config.errors import ConfigError
 from trainer.config.schema import TextDataConfig, TrainConfig, TrainerConfig, resolve_text_files
+from trainer.strategy.devices import gpus_bound_per_task
 
 # What each built-in component learns from, so an impossible pair fails at once instead of in the first step.
 _TASK_OF_TARGET: dict[str, str] = {
@@ -137,7 +138,9 @@ def check_here(conf: TrainConfig) -> str:
     _check_portable(conf)
     accelerator = resolve_accelerator(trainer.accelerator)
     available = _device_count(accelerator)
-    if trainer.devices > available:
+    if accelerator == "gpu" and gpus_bound_per_task(trainer.devices, available):
+        pass  # the site shows each task its own GPUs: fit.py drives them (trainer/strategy/devices.py)
+    elif trainer.devices > available:
         raise ConfigError(
             "trainer.devices",
             trainer.devices,
