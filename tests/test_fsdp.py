@@ -176,3 +176,28 @@ def test_resume_two_ranks_on_one(tmp_path, text_corpus):
     a, b = dcp_state(ref / "checkpoints" / "last.ckpt"), dcp_state(moved / "checkpoints" / "last.ckpt")
     for key, value in a["state_dict"].items():
         torch.testing.assert_close(b["state_dict"][key], value, atol=PARAM_ATOL, rtol=0)
+
+
+@pytest.mark.unit
+def test_a_compiled_model_is_compiled_per_sharding_unit_under_fsdp():
+    """GPTModule compiles its network in place (model.compile=true); under FSDP the compilation moves onto
+    each block, so FSDP's hooks at block boundaries are not graph breaks inside one compiled network."""
+    from trainer.models.gpt import GPTModule
+    from trainer.strategy.fsdp import compile_per_unit, sharding_units
+
+    def gpt(compile: bool) -> GPTModule:
+        return GPTModule(n_layer=3, n_head=2, n_embd=16, block_size=8, vocab_size=32, dropout=0.0, bias=True,
+                         tie_weights=False, compile=compile)  # fmt: skip
+
+    module = gpt(compile=True)
+    names = [name for name, _ in module.named_parameters()]
+    assert module.net._compiled_call_impl is not None
+    units = sharding_units(module)
+    assert len(units) == 3 and compile_per_unit(module, units) == [module.net]
+    assert module.net._compiled_call_impl is None
+    assert all(unit._compiled_call_impl is not None for unit in units)
+    assert [name for name, _ in module.named_parameters()] == names  # checkpoints keep their keys
+
+    eager = gpt(compile=False)
+    assert compile_per_unit(eager, sharding_units(eager)) == []
+    assert all(getattr(m, "_compiled_call_impl", None) is None for m in eager.modules())

@@ -92,6 +92,29 @@ def _contains(outer: nn.Module, inner: nn.Module) -> bool:
     return any(m is inner for m in outer.modules())
 
 
+def compile_per_unit(module: nn.Module, units: list[nn.Module]) -> list[nn.Module]:
+    """Move an in-place ``nn.Module.compile()`` of a module that holds sharding units onto the units.
+
+    FSDP2 gathers a unit's parameters in hooks around its forward, and Dynamo does not trace those hooks:
+    a compiled network breaks its graph at every block boundary and recompiles around the hooks. Compiled
+    one unit (block) at a time instead, each block is one graph and the hooks run between them, the way
+    torchtitan compiles its blocks. In place, so parameter names (and checkpoints) do not change. Returns the
+    modules whose compilation was moved (none when nothing holding a unit was compiled)."""
+    moved = [
+        m
+        for m in module.modules()
+        if getattr(m, "_compiled_call_impl", None) is not None and any(_contains(m, u) for u in units)
+    ]
+    if not moved:
+        return []
+    for m in moved:
+        m._compiled_call_impl = None
+    for unit in units:
+        if getattr(unit, "_compiled_call_impl", None) is None:
+            unit.compile()
+    return moved
+
+
 def _wrap_in_place(root: nn.Module, targets: list[nn.Module], wrap: Any) -> list[nn.Module]:
     """Replace each target by ``wrap(target)`` in its parent; returns the wrapped modules."""
     wanted = {id(t) for t in targets}
@@ -201,6 +224,8 @@ class FSDP2Strategy(pl_module("strategies").ModelParallelStrategy):
         offload = CPUOffloadPolicy() if self.cpu_offload else OffloadPolicy()
         for unit in units:
             fully_shard(unit, mesh=mesh, mp_policy=mp, offload_policy=offload)
+        if compile_per_unit(module, units):
+            log.info("fsdp: compiling each of the %d sharding units instead of the whole model", len(units))
         # The roots gather what no unit holds (embeddings, final norm, head). FSDP gathers a module's
         # parameters in a hook on its forward, and a LightningModule's training_step calls its submodules
         # rather than its own forward: so each direct child with parameters is a root, not the module itself.
