@@ -340,9 +340,11 @@ def gpu_rows(args: argparse.Namespace) -> list[tuple[str, str, str]]:
             run = summary(work, strategy)
             efficiency = run["tokens_per_sec"] / runs["compiled"]["tokens_per_sec"] / gpus
             mfu = run["mfu"]
+            # bf16 differs: FSDP's residual stream is bf16, DDP's fp32 (README, FSDP): not the same numerics
+            residual = "bf16 residual" if strategy == "fsdp" else "fp32 residual"
             rows.append((f"{strategy.upper()} over {gpus} GPUs (NCCL), compiled", f"{efficiency:.3f}",
                          f"scaling efficiency; {run['tokens_per_sec']:,.0f} tokens/s; MFU "
-                         + ("n/a" if mfu is None else f"{mfu:.1%}")))  # fmt: skip
+                         + ("n/a" if mfu is None else f"{mfu:.1%}") + f"; {residual}"))  # fmt: skip
     return rows
 
 
