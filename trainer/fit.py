@@ -218,7 +218,7 @@ def build_trainer(
         accelerator=lightning_accelerator(accelerator, trainer.devices),
         devices=trainer.devices,
         num_nodes=trainer.num_nodes,
-        strategy=build_strategy(strategy, str(precision.value), accelerator),
+        strategy=build_strategy(strategy, str(precision.value), accelerator, checkpoint.async_save),
         precision=str(precision.value),
         max_steps=trainer.max_steps,
         max_epochs=trainer.max_epochs if trainer.max_steps == -1 else -1,

@@ -175,8 +175,9 @@ class Checkpointer(pl.Callback):
     # ------------------------------------------------------------------ hooks
 
     def setup(self, trainer: pl.Trainer, pl_module: pl.LightningModule, stage: str) -> None:
-        io = trainer.strategy.checkpoint_io
-        self._writer = io if isinstance(io, AsyncWriter) else None
+        # Sharded checkpoints are written by the strategy itself (FSDP2Strategy), others by the IO plugin.
+        writers = (trainer.strategy, trainer.strategy.checkpoint_io)
+        self._writer = next((w for w in writers if isinstance(w, AsyncWriter)), None)
 
     def on_train_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
         # Restore here, after Lightning's restore and loader set-up, right before the first resumed step.

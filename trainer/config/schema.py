@@ -504,10 +504,10 @@ class CheckpointConfig:
     """Resume even when the checkpoint's model/data/seed differ from the current config (fine-tuning); the
     differing keys are still reported."""
     async_save: bool = True
-    """Write single-file checkpoints in the background: training waits only while the state is copied (and
-    for the previous save, if it is still being written: at most one in flight). The file is published, with
-    its manifest, only once written; a preemption, a stop and the end of the run wait for it. Sharded (FSDP)
-    checkpoints are written synchronously whatever this says. ``false``: every save blocks training."""
+    """Write checkpoints in the background: training waits only while the state is copied (and for the
+    previous save, if it is still being written: at most one in flight). The file (or FSDP's sharded
+    directory, through DCP's async_save) is published, with its manifest, only once written; a preemption, a
+    stop and the end of the run wait for it. ``false``: every save blocks training."""
 
     def __post_init__(self) -> None:
         _non_negative("every_n_steps", self.every_n_steps)

@@ -8,7 +8,11 @@ from typing import Any
 from trainer.config.schema import StrategyConfig
 
 
-def build_strategy(strategy: StrategyConfig, precision: str, accelerator: str) -> Any:
+def build_strategy(
+    strategy: StrategyConfig, precision: str, accelerator: str, async_save: bool = False
+) -> Any:
+    """``async_save`` (checkpoint.async_save) reaches the strategy only where it writes the checkpoints itself
+    (FSDP); other checkpoints are written by the checkpoint IO plugin."""
     if strategy.name == "auto":
         return "auto"
     backend = strategy.backend or ("nccl" if accelerator == "gpu" else "gloo")
@@ -28,6 +32,7 @@ def build_strategy(strategy: StrategyConfig, precision: str, accelerator: str) -
             precision=precision,
             process_group_backend=backend,
             timeout=timeout,
+            async_save=async_save,
         )
     from trainer.namespace import pl_module
 

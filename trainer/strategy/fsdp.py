@@ -36,6 +36,7 @@ from trainer.checkpoint.io import (
     load_file,
     load_sharded,
     save_file,
+    snapshot,
     write_error,
 )
 from trainer.checkpoint.manifest import (
@@ -142,6 +143,7 @@ class FSDP2Strategy(pl_module("strategies").ModelParallelStrategy):
         precision: str,
         process_group_backend: str,
         timeout: timedelta,
+        async_save: bool = False,
     ) -> None:
         # One data-parallel dimension over every rank: the sampler then gives each rank its own samples.
         super().__init__(
@@ -160,6 +162,10 @@ class FSDP2Strategy(pl_module("strategies").ModelParallelStrategy):
         self.report: dict[str, Any] = {}
         self.last_write: dict[str, float] = {}
         self._sharding_mesh: Any = None
+        self.async_save = async_save
+        self._pending: Any = None  # the Future of the background write in flight
+        self._executor: Any = None
+        self._checkpoint_group: Any = None  # gloo, for the background writes' own collectives
 
     def setup_environment(self) -> None:
         # Every rank is one data-parallel replica slot (Lightning's "auto" would make it the node count).
@@ -272,6 +278,7 @@ class FSDP2Strategy(pl_module("strategies").ModelParallelStrategy):
 
         A failed write (on any rank) removes the partial directory and raises ``CheckpointWriteError`` on
         every rank together."""
+        self.wait()  # at most one write in flight (and its failure, if any, raised here on every rank)
         target = Path(self.broadcast(str(filepath)))
         tmp = target.with_name(f".{target.name}.tmp")
         if self.global_rank == 0:
@@ -279,6 +286,10 @@ class FSDP2Strategy(pl_module("strategies").ModelParallelStrategy):
         self.barrier()
         started = time.perf_counter()
         step, epoch = int(checkpoint.get("global_step", 0)), int(checkpoint.get("epoch", 0))
+        job = (tmp, target, started, step, epoch, storage_options)
+        if self.async_save:
+            self._start_background_write(checkpoint, job)
+            return
         own: dict[str, dict] | CheckpointWriteError | None
         try:
             self._write_shards(checkpoint, tmp)
@@ -287,12 +298,18 @@ class FSDP2Strategy(pl_module("strategies").ModelParallelStrategy):
             own = write_error(target, err)
             if own is None:
                 raise
+        self._agree_and_publish(own, job, group=None)
+
+    def _agree_and_publish(self, own: Any, job: tuple, group: Any) -> None:
+        """Every rank's file hashes (or its write error) to rank 0, which publishes the directory; rank 0's
+        outcome is raised on every rank together. Called by every rank, on ``group`` (None: the default)."""
+        tmp, target, started, step, epoch, storage_options = job
         # Gathered on every rank whatever happened, so that a rank that failed and one that did not never
         # wait for each other in different collectives.
         gathered: list[Any] = [own]
         if torch.distributed.is_initialized():
             gathered = [None] * self.world_size
-            torch.distributed.all_gather_object(gathered, own)
+            torch.distributed.all_gather_object(gathered, own, group=group)
         failed = next((part for part in gathered if isinstance(part, CheckpointWriteError)), None)
         if self.global_rank == 0:
             if failed is None:
@@ -302,9 +319,67 @@ class FSDP2Strategy(pl_module("strategies").ModelParallelStrategy):
                     failed = write_error(target, err)  # an OSError: never None
             if failed is not None:
                 shutil.rmtree(tmp, ignore_errors=True)
-        failed = self.broadcast(failed)  # rank 0's outcome, which every rank raises or not together
+        if torch.distributed.is_initialized():  # rank 0's outcome, which every rank raises or not together
+            box = [failed]
+            torch.distributed.broadcast_object_list(box, src=0, group=group)
+            failed = box[0]
         if failed is not None:
             raise failed from None
+
+    # ------------------------------------------------------------------ background writes
+
+    def wait(self) -> None:
+        """Block until the background write (if any) is published; raise its error (on every rank alike)."""
+        pending, self._pending = self._pending, None
+        if pending is not None:
+            pending.result()
+
+    def teardown(self) -> None:
+        with suppress(Exception):  # a failed write was raised by wait() already, or the run failed before
+            self.wait()
+        if self._executor is not None:
+            self._executor.shutdown(wait=True)
+            self._executor = None
+        super().teardown()
+
+    def _start_background_write(self, checkpoint: dict[str, Any], job: tuple) -> None:
+        """DCP's ``async_save``: the shards are copied to host memory here (the only part training waits
+        for), then written, hashed and published on a background thread. Its collectives (DCP's planning,
+        the hashes, the outcome) run on a gloo group of their own, never on the one training uses."""
+        from concurrent.futures import ThreadPoolExecutor
+
+        from torch.distributed.checkpoint import async_save
+
+        tmp = job[0]
+        if self._checkpoint_group is None:  # collective: every rank reaches its first save together
+            # The start-up timeout, not the per-step one: a rank waits here for the slowest rank's write.
+            self._checkpoint_group = torch.distributed.new_group(backend="gloo", timeout=self._timeout)
+        if self._executor is None:  # (again after teardown: the run's final save comes after it)
+            self._executor = ThreadPoolExecutor(max_workers=1, thread_name_prefix="checkpoint-writer")
+        tmp.mkdir(parents=True, exist_ok=True)
+        shards = {"state_dict": checkpoint.pop("state_dict")}
+        shards.update({f"optimizer_{i}": s for i, s in enumerate(checkpoint.pop("optimizer_states", []))})
+        written = async_save(shards, checkpoint_id=tmp, process_group=self._checkpoint_group)
+        rest = snapshot(checkpoint) if self.global_rank == 0 else None
+        self._pending = self._executor.submit(self._finish_background_write, written, rest, job)
+
+    def _finish_background_write(self, written: Any, rest: dict | None, job: tuple) -> None:
+        tmp, target = job[0], job[1]
+        own: dict[str, dict] | CheckpointWriteError | None
+        try:
+            written.result()
+            if rest is not None:
+                save_file(rest, tmp / META_FILE)
+            own = _hash_files(tmp, lambda name: name.startswith(f"__{self.global_rank}_"))
+        except (Exception, CheckpointException) as err:
+            # Whatever it was, this rank still joins the collectives below, or the others would wait forever.
+            own = write_error(target, err) or CheckpointWriteError(
+                None, f"{type(err).__name__}: {err}", str(target)
+            )
+        self._agree_and_publish(own, job, group=self._checkpoint_group)
+        then = (job[5] or {}).get("then")
+        if then is not None and self.global_rank == 0:
+            then()
 
     def _write_shards(self, checkpoint: dict[str, Any], tmp: Path) -> None:
         """Lightning's sharded save (collective: each rank writes its shards, rank 0 the rest to meta.pt),
@@ -355,7 +430,7 @@ class FSDP2Strategy(pl_module("strategies").ModelParallelStrategy):
                     os.replace(old, target)
             raise
         remove_checkpoint(old)
-        self.last_write = {"bytes": size, "seconds": seconds}
+        self.last_write = {"bytes": size, "seconds": seconds, "step": step}
 
     def load_checkpoint(self, checkpoint_path: Any, weights_only: bool | None = None) -> dict[str, Any]:
         """Lightning's sharded load, with DCP's reader replaced by one that runs no code from the checkpoint
