@@ -15,10 +15,13 @@ Measures, on the default GPT (experiment=gpt_quickstart) with its data and batch
      the sampler thread's own CPU time per second -- target < 1%.
   h. the profiler window's cost (profile.steps): a training step while torch.profiler records it over one
      without, and the writing of the trace; off it is 0 by construction (no callback is added).
+  i. `trainer plan`'s accuracy: its parameter, gradient and optimizer bytes against the tensors a real run
+     holds (exact or not), and its total against the measured rise of the process's peak resident memory
+     over the first 3 steps (CPU has no allocator statistics; tests/helpers/memcount.py counts).
 With --gpu (a machine with CUDA GPUs) it measures instead, on experiment=gpt_150m (151M parameters,
 bf16-mixed, synthetic tokens): MFU against the GPU's data-sheet dense bf16 peak, eager and compiled, on one
-GPU -- target >= 40% on H100/H200 with compile; and DDP and FSDP over NCCL on all the machine's GPUs (scaling
-efficiency against one GPU, compiled).
+GPU -- target >= 40% on H100/H200 with compile; DDP and FSDP over NCCL on all the machine's GPUs (scaling
+efficiency against one GPU, compiled); and the plan's total against max_memory_allocated on one GPU.
 This machine may be shared and noisy: read the ratios, not the absolute numbers. Measurements a and b are
 repeated (--repeats, interleaved) and the best of each is used: noise only ever slows a run down; the
 spread of the per-repeat ratios is printed beside them.
@@ -159,6 +162,7 @@ def main() -> int:
     rows.append(telemetry_cost(work, args.steps, args.repeats))
 
     rows.append(profiler_cost(work, args.repeats))
+    rows.append(plan_accuracy(work, BASE, gpu=False))
     # b: DDP and FSDP scaling, one thread per rank, interleaved
     one_thread = {"OMP_NUM_THREADS": "1"}
     tps: dict[str, list[float]] = {"one": [], "ddp": [], "fsdp": []}
@@ -224,6 +228,27 @@ def telemetry_cost(work: Path, steps: int, repeats: int) -> tuple[str, str, str]
             f"best {off:,.0f} tokens/s off vs {on:,.0f} on, per repeat {spread(tps['off'], tps['on'])}; "
             f"sampler {per_sample * 1e3:.2f} ms CPU per sample, {per_sample / interval:.3%} of one core at "
             f"{interval:g} s (target < 1%)")  # fmt: skip
+
+
+def plan_accuracy(work: Path, overrides: list[str], gpu: bool) -> tuple[str, str, str]:
+    """i. `trainer plan --json` against what a 3-step run of the same overrides holds (rank 0)."""
+    planned = json.loads(trainer(["plan", "--json", *overrides], work)[1].stdout)["per_device"]
+    out = work / f"memcount-{'gpu' if gpu else 'cpu'}"
+    # glibc returns freed blocks at once, so the resident memory follows the live tensors (as in test_plan)
+    env = {"PYTHONPATH": str(REPO / "tests" / "helpers"), "MALLOC_MMAP_THRESHOLD_": "65536"}
+    trainer(["train", *overrides, "trainer.max_steps=3", "+callbacks.memcount._target_=memcount.MemoryCount",
+             f"+callbacks.memcount.out={out}", f"run.name={out.name}"], work, env)  # fmt: skip
+    counted = json.loads((out / "rank-0.json").read_text())
+    exact = all(counted[k] == planned[k] for k in ("params_bytes", "grads_bytes", "optimizer_bytes"))
+    state = "params, grads, optimizer bytes " + ("exact" if exact else "DIFFER")
+    if gpu:  # the allocator's peak holds the parameters too
+        ratio = counted["cuda_peak_bytes"] / planned["total_bytes"]
+        return ("plan total vs max_memory_allocated, 1 GPU", f"{ratio:.3f}",
+                f"measured / planned ({planned['total_bytes'] / 2**30:.2f} GiB planned); {state}")  # fmt: skip
+    rise = planned["total_bytes"] - planned["params_bytes"]  # what the steps add to the process
+    ratio = counted["rss_rise_bytes"] / rise
+    return ("i. plan total vs measured peak RSS rise", f"{ratio:.3f}",
+            f"measured / planned ({rise / 2**20:.0f} MiB planned beyond the parameters); {state}")  # fmt: skip
 
 
 def profiler_cost(work: Path, repeats: int) -> tuple[str, str, str]:
@@ -331,6 +356,7 @@ def gpu_rows(args: argparse.Namespace) -> list[tuple[str, str, str]]:
         rows.append((f"MFU, 1 GPU, bf16-mixed, {name}", "n/a" if mfu is None else f"{mfu:.1%}",
                      f"{runs[name]['tokens_per_sec']:,.0f} tokens/s; peak: {runs[name]['peak_source']}"
                      + (" (target >= 40% on H100/H200)" if name == "compiled" else "")))  # fmt: skip
+    rows.append(plan_accuracy(work, [*base, "trainer.devices=1"], gpu=not on_cpu))
     if gpus > 1:
         for strategy in ("ddp", "fsdp"):
             trainer(
