@@ -48,7 +48,8 @@ def test_paths_default_to_experiment_and_hash(tmp_path):
 
 
 def fake_checkpoint(directory, step: int, payload: bytes = b"weights") -> Path:
-    """A checkpoint file with a correct manifest, as AtomicCheckpointIO writes them."""
+    """A checkpoint file with a correct manifest, as AtomicCheckpointIO of earlier versions wrote them (SHA-256:
+    such checkpoints still resume)."""
     import hashlib
 
     from trainer.checkpoint.manifest import step_checkpoint_name, write_manifest
@@ -317,10 +318,15 @@ def test_retention_removes_unfinished_writes_and_keeps_the_newest_valid(tmp_path
     assert sorted(p.name for p in d.glob("step-*.ckpt")) == ["step-00000020.ckpt", "step-00000030.ckpt"]
 
 
-def test_sharded_checkpoint_manifest_catches_a_missing_truncated_or_changed_shard(tmp_path):
-    import hashlib
-
-    from trainer.checkpoint.manifest import combined_digest, find_latest_valid, verify, write_manifest
+@pytest.mark.parametrize("algorithm", ["xxh3_128", "sha256"])  # sha256: manifests of earlier versions
+def test_sharded_checkpoint_manifest_catches_a_missing_truncated_or_changed_shard(tmp_path, algorithm):
+    from trainer.checkpoint.manifest import (
+        combined_digest,
+        find_latest_valid,
+        new_digest,
+        verify,
+        write_manifest,
+    )
 
     def sharded(step: int) -> Path:
         folder = tmp_path / f"step-{step:08d}.ckpt"
@@ -328,8 +334,11 @@ def test_sharded_checkpoint_manifest_catches_a_missing_truncated_or_changed_shar
         files = {}
         for name, data in (("__0_0.distcp", b"a" * 100), ("__1_0.distcp", b"b" * 90), (".metadata", b"m")):
             (folder / name).write_bytes(data)
-            files[name] = {"bytes": len(data), "sha256": hashlib.sha256(data).hexdigest()}
-        write_manifest(folder, {"files": files, "sha256": combined_digest(files), "bytes": 191, "step": step})
+            digest = new_digest(algorithm)
+            digest.update(data)
+            files[name] = {"bytes": len(data), algorithm: digest.hexdigest()}
+        manifest = {"files": files, algorithm: combined_digest(files, algorithm), "bytes": 191, "step": step}
+        write_manifest(folder, manifest)
         return folder
 
     old, new = sharded(5), sharded(10)

@@ -19,7 +19,7 @@ from pathlib import Path
 from typing import Any
 
 from trainer import exits, rundir
-from trainer.checkpoint.manifest import read_manifest, verify
+from trainer.checkpoint.manifest import algorithm_of, read_manifest, verify
 
 
 class ExportError(Exception):
@@ -67,7 +67,8 @@ def export(source: Path, out: Path) -> dict[str, Any]:
         raise ExportError(f"{out}: already exists (choose another path with -o; nothing was overwritten)")
     checkpoint = load_weights(source)
     manifest = read_manifest(source) or {}
-    checkpoint["exported_from"] = {"checkpoint": str(source), "sha256": manifest.get("sha256")}
+    algorithm = algorithm_of(manifest)
+    checkpoint["exported_from"] = {"checkpoint": str(source), algorithm: manifest.get(algorithm)}
     AtomicCheckpointIO().save_checkpoint(
         checkpoint, out, storage_options={"manifest": {"source": str(source), "kind": "export"}}
     )

@@ -40,11 +40,12 @@ from trainer.checkpoint.io import (
     write_error,
 )
 from trainer.checkpoint.manifest import (
+    DIGEST,
     checkpoint_manifest,
     combined_digest,
+    file_digest,
     fsync_dir,
     remove_checkpoint,
-    sha256_file,
     write_manifest,
 )
 from trainer.namespace import fabric_module, pl, pl_module
@@ -463,7 +464,7 @@ class FSDP2Strategy(pl_module("strategies").ModelParallelStrategy):
 def _hash_files(folder: Path, wanted: Any) -> dict[str, dict]:
     """Size and SHA-256 of the wanted files (all written and fsynced already: by DCP, meta.pt by save_file)."""
     return {
-        path.name: {"bytes": path.stat().st_size, "sha256": sha256_file(path)}
+        path.name: {"bytes": path.stat().st_size, DIGEST: file_digest(path)}
         for path in sorted(folder.iterdir())
         if path.is_file() and wanted(path.name)
     }
