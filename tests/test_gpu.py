@@ -44,6 +44,15 @@ def test_bf16_mixed_on_one_gpu_reports_mfu_against_the_table(cli):
     if "not in the peak table" in summary["peak_source"]:
         pytest.fail(f"{summary['peak_source']}: add its data-sheet figures to trainer/metrics/flops.py")
     assert mfu and all(0 < m <= 1 for m in mfu)  # an empty column is no MFU at all, not a pass
+    # NVML telemetry of the GPU the run drove, beside torch's own memory figures
+    rows = read_metrics(run_dir)
+    used, total = column(rows, "gpu0/mem_used_gb"), column(rows, "gpu0/mem_total_gb")
+    assert used and total and all(0 < u <= t for u, t in zip(used, total, strict=False))
+    assert column(rows, "gpu0/power_w") and column(rows, "gpu0/sm_clock_mhz") and column(rows, "gpu0/util")
+    reserved, allocated = column(rows, "train/mem_reserved_gb"), column(rows, "train/mem_gb")
+    assert reserved and all(a <= r for a, r in zip(allocated, reserved, strict=False))
+    assert max(reserved) <= max(used)  # NVML also counts the CUDA context
+    assert summary["energy_wh"] and summary["energy_wh"] > 0
 
 
 @pytest.mark.skipif(torch.cuda.device_count() < 2, reason="needs 2 GPUs")
