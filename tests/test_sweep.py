@@ -236,3 +236,38 @@ def test_optuna_sees_the_same_space():
     assert dists["lr"] == FloatDistribution(1e-4, 1e-2, log=True)
     assert isinstance(dists["h"], CategoricalDistribution)
     assert values(space, {"n": 3, "lr": 0.001, "h": "[32,32]"})["h"] == [32, 32]
+
+
+@pytest.mark.unit
+def test_a_sweep_composes_each_trial_as_hydra_would_at_a_fraction_of_the_cost(tmp_path, monkeypatch):
+    """The Composer (Hydra once per set of group choices, then each trial's values) against a full Hydra
+    composition per trial: the same config, overrides, run dir and notes, or the same one-line error."""
+    from trainer.config.compose import Composer, compose, session
+    from trainer.config.errors import describe
+
+    monkeypatch.chdir(tmp_path)
+    monkeypatch.setenv("SLURM_CONF", "/nonexistent")
+    trials = [
+        ["cluster=slurm", "optim.lr=0.003", "model.n_layer=2"],
+        ["cluster=slurm", "optim.lr=1e-4", "model.n_layer=4", "data.batch_size=8"],
+        ["cluster=slurm", "model.n_layer=4", "optim.lr=1e-4"],  # the same values in another order
+        ["experiment=digits_mlp", "cluster=slurm", "model.hidden=[32,16]", "+callbacks.x._target_=a.B"],
+        ["cluster=slurm", "model.n_layer=abc"],  # bad values: the same errors
+        ["cluster=slurm", "model.nope=1"],
+        ["cluster=slurm", "~model.n_layer"],
+        ["cluster=slurm", "model=gpt", "trainer.max_steps=7", "seed=3"],
+    ]
+
+    def outcome(make, trial):
+        try:
+            c = make(trial)
+        except Exception as exc:  # noqa: BLE001 (the line a user would see)
+            return describe(exc)
+        return (c.resolved, c.own_overrides, c.paths, c.notes, c.plan)
+
+    with session():
+        composer = Composer()
+        for trial in trials:
+            expected = outcome(lambda t: compose(t, None, where="cluster"), trial)
+            assert outcome(lambda t: composer(t, where="cluster"), trial) == expected, trial
+        assert len(composer._bases) == 3  # Hydra ran once per distinct set of group choices

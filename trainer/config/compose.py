@@ -11,11 +11,13 @@ Lightning namespace are read from them).
 from __future__ import annotations
 
 import contextlib
+import copy
 import dataclasses
 import json
 import os
 from collections.abc import Iterator
 from pathlib import Path
+from types import SimpleNamespace
 from typing import Any
 
 from omegaconf import DictConfig, OmegaConf, open_dict
@@ -243,6 +245,53 @@ def compose(
     with open_dict(cfg):
         del cfg["hydra"]
     return check(cfg, hydra_node, where=where, run_root=run_root, absolute=True)
+
+
+class Composer:
+    """``compose`` for many override lists that differ in values only (a sweep's trials), at a fraction of
+    the cost: Hydra composes each distinct set of structural overrides once (config group choices, keys
+    without a dot, ``hydra.*``: ~0.1-0.2 s each); each list's value overrides (dotted keys) are then applied to
+    a copy with Hydra's own override code, in their order, and the result is checked like any composition.
+    The same config comes out as from ``compose`` (tested), with the same errors for bad values."""
+
+    def __init__(self, config_dir: str | None = None) -> None:
+        self.config_dir = config_dir
+        self._bases: dict[tuple[str, ...], tuple[DictConfig, Any]] = {}
+
+    def __call__(
+        self, overrides: list[str], *, where: str = "cluster", run_root: Path | None = None
+    ) -> Composed:
+        from hydra import compose as hydra_compose
+        from hydra._internal.config_loader_impl import ConfigLoaderImpl
+        from hydra.core.override_parser.overrides_parser import OverridesParser
+
+        parsed = OverridesParser.create().parse_overrides(overrides)
+        values = [o for o in parsed if self._is_value(o.key_or_group) and o.package is None]
+        structural = tuple(o.input_line for o in parsed if not any(o is v for v in values))
+        if structural not in self._bases:
+            extra = (
+                [f"hydra.searchpath=[file://{os.path.abspath(self.config_dir)}]"] if self.config_dir else []
+            )
+            composed = hydra_compose("train", overrides=list(structural) + extra, return_hydra_config=True)
+            hydra_node = composed.hydra
+            with open_dict(composed):
+                del composed["hydra"]
+            self._bases[structural] = (composed, hydra_node)
+        base, hydra_node = self._bases[structural]
+        cfg = copy.deepcopy(base)
+        ConfigLoaderImpl._apply_overrides_to_config(values, cfg)
+        # check() reads the group choices, the config sources and name, and the overrides Hydra records:
+        # every non-hydra one, in the order given.
+        task = [o.input_line for o in parsed if not o.is_hydra_override()]
+        node = SimpleNamespace(
+            runtime=hydra_node.runtime, job=hydra_node.job, overrides=SimpleNamespace(task=task)
+        )
+        return check(cfg, node, where=where, run_root=run_root, absolute=True)
+
+    @staticmethod
+    def _is_value(key: str) -> bool:
+        """A dotted key names a value (``optim.lr``); a group is named without dots (``model``, ``hydra/x``)."""
+        return "." in key and "/" not in key and not key.startswith("hydra.")
 
 
 def check(

@@ -16,7 +16,7 @@ from pathlib import Path
 
 from trainer import rundir
 from trainer.config import schema
-from trainer.config.compose import Composed, compose
+from trainer.config.compose import Composed, Composer, compose
 from trainer.config.errors import ConfigError
 from trainer.launch.local import quote
 from trainer.sweep.space import Space, corner_trials, grid, parse, sample
@@ -101,9 +101,10 @@ def plan_sweep(overrides: list[str], config_dir: str | None, where: str) -> Swee
     else:
         trials = probe
     plan = SweepPlan(name, sweep_dir, settings, space, trials, [])
+    composer = Composer(config_dir)  # Hydra composes each distinct set of group choices once
     for i, trial in enumerate(trials):
         try:
-            plan.composed.append(compose(trial, config_dir, where=where, run_root=sweep_dir))
+            plan.composed.append(composer(trial, where=where, run_root=sweep_dir))
         except Exception as exc:
             line = describe(exc)
             if line is None:
