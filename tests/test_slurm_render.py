@@ -58,7 +58,9 @@ def test_sweep_array_matches_golden_file(cli, tmp_path):
     text = normalise(res.stdout, tmp_path)
     check_golden("sweep_array.sbatch", text)
     assert "#SBATCH --array=0-3%2" in text
-    assert text.count(" trial=(") == 4
+    # the script reads each task's trial from the sweep's trials.args, so it does not grow with the trials
+    assert text.count("trial=(") == 1 and "/slurm/trials.args" in text
+    assert "trials.args: 4 line(s), one per trial" in res.stderr
 
 
 @pytest.mark.unit
@@ -170,7 +172,8 @@ def test_a_sweep_over_numbered_config_files_keeps_them_files(cli, tmp_path):
         env=NO_SCHEDULER,
     )
     assert res.returncode == 0, res.output
-    assert "precision='\"'\"'32'\"'\"''" in res.stdout and "precision=bf16-mixed" in res.stdout
+    # trial 0's line of trials.args, as the dry run shows it: the choice stays the string '32'
+    assert "trial 0: " in res.stderr and "precision='\"'\"'32'\"'\"''" in res.stderr
 
 
 @pytest.mark.unit
@@ -197,3 +200,31 @@ def test_dry_run_of_a_finished_run_still_renders_and_checks(cli):
     assert dry.returncode == 0, dry.output
     assert dry.stdout.startswith("#!/bin/bash") and "trainer train" in dry.stdout
     assert "every run is finished: a submit would send nothing" in dry.stderr
+
+
+@pytest.mark.unit
+def test_each_array_task_reads_back_exactly_its_own_trial_arguments(tmp_path):
+    """The rendered selection code, run by bash for each task id against the trials.args it reads."""
+    from trainer.config.schema import ClusterConfig
+    from trainer.launch import slurm
+
+    tricky = ["optim.lr=1e-3", "run.name=a b", "model.hidden=[32,64]", "x='q'", 'y="$HOME"', "z=`id`;$(id)"]
+    trials = [
+        slurm.Trial(i, [], [f"trial.index={i}", *tricky[: i + 1]], f"r{i}", tmp_path / f"r{i}")
+        for i in range(6)
+    ]
+    job = slurm.Job(cluster=ClusterConfig(), nodes=1, tasks_per_node=1, job_name="s", log_dir=tmp_path / "slurm",
+                    workdir=tmp_path, what="sweep", trials=trials[2:4], array=[2, 3], python="python",
+                    all_trials=trials)  # fmt: skip
+    job.log_dir.mkdir()
+    job.trials_file.write_text(slurm.trial_lines(job))
+    script = slurm.render(job)
+    select = script[script.index('task="${SLURM_ARRAY_TASK_ID:-}"') : script.index('eval "trial=($line)"')]
+    probe = select + 'eval "trial=($line)"\nprintf "%s\\0" "${trial[@]}"\n'
+    for task in range(6):
+        out = subprocess.run(["bash", "-c", probe], env={"SLURM_ARRAY_TASK_ID": str(task), "PATH": "/usr/bin:/bin"},
+                             capture_output=True, text=True, check=True).stdout  # fmt: skip
+        assert out.split("\0")[:-1] == trials[task].args
+    missing = subprocess.run(["bash", "-c", probe], env={"SLURM_ARRAY_TASK_ID": "6", "PATH": "/usr/bin:/bin"},
+                             capture_output=True, text=True)  # fmt: skip
+    assert missing.returncode == 2 and "no trial for array task 6" in missing.stderr

@@ -222,8 +222,13 @@ def prepare(opts: Options) -> Submission | None:
         trials=todo,
         array=[t.index for t in todo] if sweep_dir else None,
         python=cluster.python or slurm.current_python(),
+        all_trials=trials,
     )
     script = slurm.render(job)
+    if job.array is not None:
+        lines = slurm.trial_lines(job).splitlines()
+        notes.append(f"{job.trials_file}: {len(lines)} line(s), one per trial, read by each array task; "
+                     f"trial {todo[0].index}: {lines[todo[0].index]}")  # fmt: skip
     if slurm.reachable():
         notes += slurm.check_against_scheduler(job)
         if cluster.test_only:
@@ -272,10 +277,15 @@ def write_and_submit(sub: Submission, opts: Options) -> str:
     stamp = time.strftime("%Y%m%d-%H%M%S")
     script_path = job.log_dir / f"submit-{stamp}.sbatch"
     atomic_write_text(script_path, sub.script)
+    new_trials_file = job.array is not None and not job.trials_file.exists()
+    if job.array is not None:  # the same text each time a sweep is submitted: tasks still running read it too
+        atomic_write_text(job.trials_file, slurm.trial_lines(job))
     try:
         job_id = slurm.submit(script_path)
     except slurm.SchedulerError:  # leave no trace of a job that does not exist
         script_path.unlink()
+        if new_trials_file:
+            job.trials_file.unlink()
         for folder in created:
             folder.rmdir()
         raise

@@ -75,6 +75,26 @@ class Job:
     array: list[int] | None = None
     """Array task indices to run (a sweep); ``None`` for a plain job."""
     python: str = ""
+    all_trials: list[Trial] = dataclasses.field(default_factory=list)
+    """A sweep's every trial (finished ones too): line ``i + 1`` of ``trials_file`` is trial ``i``'s."""
+
+    @property
+    def trials_file(self) -> Path:
+        """A sweep's trial arguments, one line per trial, read by each array task (the script does not grow
+        with the number of trials; SLURM's default max_script_size is 4 MB)."""
+        return self.log_dir / "trials.args"
+
+
+def trial_lines(job: Job) -> str:
+    """``trials_file``'s text: trial ``i``'s ``trainer train`` arguments on line ``i + 1``, shell-quoted."""
+    by_index = {t.index: t for t in job.all_trials or job.trials}
+    lines = []
+    for i in range(max(by_index) + 1):
+        words = [shlex.quote(a) for a in by_index[i].args] if i in by_index else []
+        if any("\n" in w or "\r" in w for w in words):
+            raise ConfigError("overrides", by_index[i].overrides, "values without line breaks (in a sweep)")
+        lines.append(" ".join(words))
+    return "\n".join(lines) + "\n"
 
 
 # ---------------------------------------------------------------------------------------------- checks
@@ -215,15 +235,21 @@ def render(job: Job) -> str:
         select = ""
     else:
         command = " ".join(shlex.quote(w) for w in base) + ' "${trial[@]}"'
-        cases = [
-            f"  {t.index}) trial=({' '.join(shlex.quote(a) for a in t.args)}) ;;  # {t.run_name}"
-            for t in job.trials
-        ]
+        args_file = shlex.quote(str(job.trials_file))
         select = "\n".join(
-            ["# This array task's trial: its overrides and its own run dir (see sweep.json).",
-             'case "${SLURM_ARRAY_TASK_ID:-}" in', *cases,
-             '  *) echo "[trainer] no trial for array task ${SLURM_ARRAY_TASK_ID:-(none)}" >&2; exit 2 ;;',
-             "esac"]
+            ["# This array task's trial: line <task id + 1> of the sweep's trials.args holds its arguments, its",
+             "# overrides and its own run dir, shell-quoted (written by trainer submit; see sweep.json).",
+             'task="${SLURM_ARRAY_TASK_ID:-}"',
+             'line=""',
+             'case "$task" in',
+             "  ''|*[!0-9]*) ;;",
+             f'  *) line=$(sed -n "$((task + 1))p" {args_file}) ;;',
+             "esac",
+             'if [ -z "$line" ]; then',
+             '  echo "[trainer] no trial for array task ${task:-(none)} in the sweep\'s trials.args" >&2',
+             "  exit 2",
+             "fi",
+             'eval "trial=($line)"']
         )  # fmt: skip
     values = {
         "what": job.what,
