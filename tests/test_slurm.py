@@ -17,6 +17,7 @@ from pathlib import Path
 
 import pytest
 import torch
+import yaml
 from conftest import REPO, clean_env, read_metrics
 
 pytestmark = pytest.mark.slurm
@@ -213,28 +214,43 @@ def test_the_batch_shell_outlives_a_sigterm_aimed_at_it(tmp_path, env):
     assert [int(r["step"]) for r in read_metrics(run_dir)] == list(range(1, 31))
 
 
-def test_sweep_is_one_job_array_with_a_ledger(tmp_path, env):
-    job_id = submit(tmp_path, env, "-m", *MODEL, "trainer.max_steps=10", "optim.lr=0.01,0.001")
-    assert "_" not in job_id
+def test_sweep_is_a_job_array_with_a_ledger_split_below_max_array_size(tmp_path, env):
+    """Three trials on a cluster profile whose MaxArraySize is 2: array tasks 0 and 1 of a first array, task 0
+    of a second one (offset 2); each task reads its own line of trials.args."""
+    from trainer.launch import slurm
+
+    assert slurm.max_array_size() == 1001  # what the test cluster's scontrol says (Slurm's default)
+    lrs = ["optim.lr=0.01", "optim.lr=0.003", "optim.lr=0.001"]
+    sweep = ["-m", *MODEL, "trainer.max_steps=10", "optim.lr=0.01,0.003,0.001", "cluster.max_array_size=2"]
+    res = trainer(tmp_path, env, "submit", *ON_CLUSTER, *sweep)
+    assert res.returncode == 0, res.stdout + res.stderr
+    first, second = re.findall(r"submitted job (\S+)", res.stdout)
+    assert "3 trials as 2 job arrays" in res.stderr
     sweeps = list((tmp_path / "runs").glob("sweep-*"))
     assert len(sweeps) == 1
     ledger = json.loads((sweeps[0] / "sweep.json").read_text())
-    assert [t["overrides"] for t in ledger["trials"]] == [["optim.lr=0.01"], ["optim.lr=0.001"]]
-    assert ledger["jobs"][0]["job_id"] == job_id and ledger["jobs"][0]["array"] == "0-1"
-    records = wait_done(job_id, env)
-    assert sorted(r.get("ArrayTaskId") for r in records) == ["0", "1"]
-    assert all(r["JobState"] == "COMPLETED" for r in records), records
-    for i, trial in enumerate(ledger["trials"]):
+    assert [t["overrides"] for t in ledger["trials"]] == [[lr] for lr in lrs]
+    assert [(j["job_id"], j["array"], j["array_offset"]) for j in ledger["jobs"]] == [
+        (first, "0-1", 0),
+        (second, "0", 2),
+    ]
+    for job_id, tasks in ((first, ["0", "1"]), (second, ["0"])):
+        records = wait_done(job_id, env)
+        assert sorted(r.get("ArrayTaskId") for r in records) == tasks
+        assert all(r["JobState"] == "COMPLETED" for r in records), records
+    for i, (trial, job_id) in enumerate(
+        zip(ledger["trials"], [f"{first}_0", f"{first}_1", f"{second}_0"], strict=True)
+    ):
         run_dir = Path(trial["run_dir"])
         assert run_dir.parent == sweeps[0]
         assert json.loads((run_dir / "run.json").read_text())["status"] == "finished"
-        jobs = json.loads((run_dir / "slurm" / "jobs.json").read_text())["jobs"]
-        assert jobs[-1]["job_id"] == f"{job_id}_{i}"
+        assert yaml.safe_load((run_dir / "config.yaml").read_text())["optim"]["lr"] == float(
+            lrs[i].split("=")[1]
+        )
+        assert json.loads((run_dir / "slurm" / "jobs.json").read_text())["jobs"][-1]["job_id"] == job_id
     status = trainer(tmp_path, env, "status", str(sweeps[0]))
-    assert status.stdout.count("COMPLETED") == 2 and "0: optim.lr=0.01" in status.stdout, status.stdout
-    again = trainer(
-        tmp_path, env, "submit", *ON_CLUSTER, "-m", *MODEL, "trainer.max_steps=10", "optim.lr=0.01,0.001"
-    )
+    assert status.stdout.count("COMPLETED") == 3 and "0: optim.lr=0.01" in status.stdout, status.stdout
+    again = trainer(tmp_path, env, "submit", *ON_CLUSTER, *sweep)
     assert again.returncode == 0 and "nothing to submit" in again.stderr, again.stdout + again.stderr
 
 

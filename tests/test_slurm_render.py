@@ -228,3 +228,27 @@ def test_each_array_task_reads_back_exactly_its_own_trial_arguments(tmp_path):
     missing = subprocess.run(["bash", "-c", probe], env={"SLURM_ARRAY_TASK_ID": "6", "PATH": "/usr/bin:/bin"},
                              capture_output=True, text=True)  # fmt: skip
     assert missing.returncode == 2 and "no trial for array task 6" in missing.stderr
+
+
+@pytest.mark.unit
+def test_a_sweep_larger_than_max_array_size_is_several_arrays(cli, tmp_path):
+    res = cli("submit", "--dry-run", "-m", *FIXED, "experiment=digits_mlp", "optim.lr=0.1,0.01,0.001",
+              "model.hidden=[32],[64]", "cluster.max_array_size=4", env=NO_SCHEDULER)  # fmt: skip
+    assert res.returncode == 0, res.output
+    assert "6 trials as 2 job arrays: array task ids stay below MaxArraySize=4" in res.stderr
+    assert "#SBATCH --array=0-3\n" in res.stdout  # the first array; the second is tasks 0-1, trials 4-5
+
+    from trainer.config.schema import ClusterConfig
+    from trainer.launch import slurm
+
+    trials = [slurm.Trial(i, [], [f"trial.index={i}"], f"r{i}", tmp_path / f"r{i}") for i in range(7)]
+    job = slurm.Job(cluster=ClusterConfig(), nodes=1, tasks_per_node=1, job_name="s", log_dir=tmp_path, workdir=tmp_path,
+                    what="sweep", trials=[trials[i] for i in (1, 2, 5, 6)], array=[1, 2, 5, 6], all_trials=trials)  # fmt: skip
+    jobs = slurm.split_array(job, 3)
+    assert [(j.array, j.array_offset, [t.index for t in j.trials]) for j in jobs] == [
+        ([0, 1], 1, [1, 2]),
+        ([0, 1], 5, [5, 6]),
+    ]
+    assert all(j.task_id(t) == a for j in jobs for t, a in zip(j.trials, j.array, strict=True))
+    assert '"$((task + 6))p"' in slurm.render(jobs[1])  # task 0 of the second array reads line 6: trial 5
+    assert slurm.split_array(job, 7) == [job]

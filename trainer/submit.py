@@ -107,6 +107,8 @@ class Submission:
     kind: str = "grid"
     metric: str = "val/loss"
     direction: str = "minimize"
+    more: list[tuple[slurm.Job, str]] = dataclasses.field(default_factory=list)
+    """Further job arrays (and their scripts) of a sweep larger than the cluster's MaxArraySize."""
 
 
 def prepare(opts: Options) -> Submission | None:
@@ -224,12 +226,21 @@ def prepare(opts: Options) -> Submission | None:
         python=cluster.python or slurm.current_python(),
         all_trials=trials,
     )
-    script = slurm.render(job)
+    reachable = slurm.reachable()
+    jobs = [job]
     if job.array is not None:
         lines = slurm.trial_lines(job).splitlines()
         notes.append(f"{job.trials_file}: {len(lines)} line(s), one per trial, read by each array task; "
                      f"trial {todo[0].index}: {lines[todo[0].index]}")  # fmt: skip
-    if slurm.reachable():
+        limit = cluster.max_array_size or (slurm.max_array_size() if reachable else None)
+        jobs = slurm.split_array(job, limit or slurm.SLURM_DEFAULT_MAX_ARRAY_SIZE)
+        if len(jobs) > 1:
+            notes.append(f"{len(todo)} trials as {len(jobs)} job arrays: array task ids stay below MaxArraySize="
+                         f"{limit or slurm.SLURM_DEFAULT_MAX_ARRAY_SIZE}"
+                         + ("" if limit else " (Slurm's default; set cluster.max_array_size)"))  # fmt: skip
+    job = jobs[0]
+    script = slurm.render(job)
+    if reachable:
         notes += slurm.check_against_scheduler(job)
         if cluster.test_only:
             complaint = slurm.test_only(script)
@@ -247,7 +258,8 @@ def prepare(opts: Options) -> Submission | None:
             "no SLURM controller answers here (scontrol ping): submit from a login node of the cluster, or "
             "use --dry-run to see the script"
         )
-    return Submission(job, script, notes, sweep_dir, trials, *sweep_facts)
+    more = [(j, slurm.render(j)) for j in jobs[1:]]
+    return Submission(job, script, notes, sweep_dir, trials, *sweep_facts, more=more)
 
 
 def optuna_workers(sweep: SweepPlan, overrides: list[str], config_dir: str | None) -> list[slurm.Trial]:
@@ -270,13 +282,27 @@ def record(path: Path, entry: dict) -> None:
     atomic_write_text(path, json.dumps(ledger, indent=2) + "\n")
 
 
-def write_and_submit(sub: Submission, opts: Options) -> str:
-    job = sub.job
+def write_and_submit(sub: Submission, opts: Options) -> list[str]:
+    """Write each script and submit it; the ledgers record what was accepted. Returns the job ids."""
+    ids = []
+    for n, (job, script) in enumerate([(sub.job, sub.script), *sub.more]):
+        try:
+            ids.append(_write_and_submit_one(sub, opts, job, script, n))
+        except slurm.SchedulerError as err:
+            if not ids:
+                raise
+            raise slurm.SchedulerError(f"{err}; job array(s) {', '.join(ids)} were accepted before it (their "
+                                       "trials are in sweep.json): submit the same command again once they "
+                                       "are done for the rest") from None  # fmt: skip
+    return ids
+
+
+def _write_and_submit_one(sub: Submission, opts: Options, job: slurm.Job, script: str, n: int) -> str:
     created = [p for p in (job.log_dir, *job.log_dir.parents) if not p.exists()]
     job.log_dir.mkdir(parents=True, exist_ok=True)
-    stamp = time.strftime("%Y%m%d-%H%M%S")
+    stamp = time.strftime("%Y%m%d-%H%M%S") + (f"-{n}" if n else "")
     script_path = job.log_dir / f"submit-{stamp}.sbatch"
-    atomic_write_text(script_path, sub.script)
+    atomic_write_text(script_path, script)
     new_trials_file = job.array is not None and not job.trials_file.exists()
     if job.array is not None:  # the same text each time a sweep is submitted: tasks still running read it too
         atomic_write_text(job.trials_file, slurm.trial_lines(job))
@@ -298,12 +324,13 @@ def write_and_submit(sub: Submission, opts: Options) -> str:
                 entry = ledger.trial(data, t.index)
                 entry.update(overrides=t.overrides, run_name=t.run_name, run_dir=str(t.run_dir))
                 if t in job.trials:
-                    entry.update(state="submitted", job_id=f"{job_id}_{t.index}")
+                    entry.update(state="submitted", job_id=f"{job_id}_{job.task_id(t)}")
             data["jobs"].append({"job_id": job_id, "array": slurm.compress(job.array or [0]),
-                                 "submitted_at": when, "script": str(script_path)})  # fmt: skip
+                                 "array_offset": job.array_offset, "submitted_at": when,
+                                 "script": str(script_path)})  # fmt: skip
     for t in job.trials if sub.kind != "optuna" else []:
-        tid = f"{job_id}_{t.index}" if job.array is not None else job_id
-        log = job.log_dir / (f"{job_id}_{t.index}.out" if job.array is not None else f"{job_id}.out")
+        tid = f"{job_id}_{job.task_id(t)}" if job.array is not None else job_id
+        log = job.log_dir / (f"{tid}.out")
         (t.run_dir / rundir.SLURM_DIR).mkdir(parents=True, exist_ok=True)
         record(rundir.jobs_file(t.run_dir), {"job_id": tid, "submitted_at": when,
                                                        "script": str(script_path), "log": str(log),
@@ -338,14 +365,15 @@ def main(argv: list[str]) -> int:
         print("[check] dry run: nothing written, nothing submitted", file=sys.stderr)
         return 0
     try:
-        job_id = write_and_submit(sub, opts)
+        job_ids = write_and_submit(sub, opts)
     except slurm.SchedulerError as err:
         print(f"error: {err}", file=sys.stderr)
         return 1
     job = sub.job
     where = sub.sweep_dir or job.trials[0].run_dir
-    what = f"array of {len(job.trials)} trial(s)" if job.array is not None else "run"
-    print(f"submitted job {job_id} ({what}) to {job.cluster.name}: {job.what}")
+    for job_id, one in zip(job_ids, [job, *(j for j, _ in sub.more)], strict=True):
+        what = f"array of {len(one.trials)} trial(s)" if one.array is not None else "run"
+        print(f"submitted job {job_id} ({what}) to {one.cluster.name}: {one.what}")
     print(f"  {'sweep dir' if sub.sweep_dir else 'run dir  '}  {where}")
     print(f"  logs       {job.log_dir}")
     print(f"  status     trainer status {where}")

@@ -590,6 +590,10 @@ class ClusterConfig:
     ``trainer submit`` with the same overrides continues it."""
     array_parallelism: int | None = None
     """Sweeps: at most this many array tasks run at once (``--array=0-N%P``); ``null``: no limit."""
+    max_array_size: int | None = None
+    """The cluster's ``MaxArraySize``: array task ids stay below it, and a sweep with more trials is sent as
+    several arrays. ``null``: asked of ``scontrol show config`` when a controller answers, else Slurm's
+    default, 1001."""
     job_name: str | None = None
     """``--job-name``; ``null``: the run's name (the sweep's name for an array)."""
     template: str = "default"
@@ -614,6 +618,8 @@ class ClusterConfig:
         _non_negative("max_requeues", self.max_requeues)
         if self.array_parallelism is not None:
             _positive("array_parallelism", self.array_parallelism)
+        if self.max_array_size is not None:
+            _positive("max_array_size", self.max_array_size)
         if self.gres is not None and "{gpus}" not in self.gres:
             raise ConfigError("gres", self.gres, "a --gres value containing {gpus}, e.g. gpu:{gpus}, or null")
         if self.job_name in INTERACTIVE_JOB_NAMES:

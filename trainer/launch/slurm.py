@@ -77,12 +77,48 @@ class Job:
     python: str = ""
     all_trials: list[Trial] = dataclasses.field(default_factory=list)
     """A sweep's every trial (finished ones too): line ``i + 1`` of ``trials_file`` is trial ``i``'s."""
+    array_offset: int = 0
+    """Trial index of array task 0 (a sweep larger than MaxArraySize is several arrays: see split_array)."""
+
+    def task_id(self, trial: Trial) -> int:
+        """The array task that runs ``trial``."""
+        return trial.index - self.array_offset
 
     @property
     def trials_file(self) -> Path:
         """A sweep's trial arguments, one line per trial, read by each array task (the script does not grow
         with the number of trials; SLURM's default max_script_size is 4 MB)."""
         return self.log_dir / "trials.args"
+
+
+SLURM_DEFAULT_MAX_ARRAY_SIZE = 1001
+
+
+def split_array(job: Job, max_array_size: int) -> list[Job]:
+    """The job as arrays whose task ids stay below ``max_array_size``: each array starts at its first trial
+    (task 0, ``array_offset`` = that trial's index) and holds the trials up to ``max_array_size - 1`` after
+    it. One job, unchanged, when every index fits."""
+    if job.array is None or max(t.index for t in job.trials) < max_array_size:
+        return [job]
+    groups: list[list[Trial]] = []
+    for t in sorted(job.trials, key=lambda t: t.index):
+        if not groups or t.index - groups[-1][0].index >= max_array_size:
+            groups.append([])
+        groups[-1].append(t)
+    return [
+        dataclasses.replace(job, trials=g, array=[t.index - g[0].index for t in g], array_offset=g[0].index)
+        for g in groups
+    ]
+
+
+def max_array_size() -> int | None:
+    """``MaxArraySize`` of the controller that answers here (``scontrol show config``), or None."""
+    try:
+        proc = _run(["scontrol", "show", "config"], timeout=15)
+    except SchedulerError:
+        return None
+    match = re.search(r"^MaxArraySize\s*=\s*(\d+)", proc.stdout, re.MULTILINE)
+    return int(match.group(1)) if proc.returncode == 0 and match else None
 
 
 def trial_lines(job: Job) -> str:
@@ -237,13 +273,13 @@ def render(job: Job) -> str:
         command = " ".join(shlex.quote(w) for w in base) + ' "${trial[@]}"'
         args_file = shlex.quote(str(job.trials_file))
         select = "\n".join(
-            ["# This array task's trial: line <task id + 1> of the sweep's trials.args holds its arguments, its",
-             "# overrides and its own run dir, shell-quoted (written by trainer submit; see sweep.json).",
+            ["# This array task's trial: line <task id + 1 + offset> of the sweep's trials.args holds its arguments,",
+             f"# its overrides and run dir, shell-quoted (offset {job.array_offset}: task 0 is trial {job.array_offset}).",
              'task="${SLURM_ARRAY_TASK_ID:-}"',
              'line=""',
              'case "$task" in',
              "  ''|*[!0-9]*) ;;",
-             f'  *) line=$(sed -n "$((task + 1))p" {args_file}) ;;',
+             f'  *) line=$(sed -n "$((task + {job.array_offset + 1}))p" {args_file}) ;;',
              "esac",
              'if [ -z "$line" ]; then',
              '  echo "[trainer] no trial for array task ${task:-(none)} in the sweep\'s trials.args" >&2',
