@@ -15,6 +15,7 @@ import copy
 import dataclasses
 import json
 import os
+import pickle
 from collections.abc import Iterator
 from pathlib import Path
 from types import SimpleNamespace
@@ -256,16 +257,16 @@ class Composer:
 
     def __init__(self, config_dir: str | None = None) -> None:
         self.config_dir = config_dir
-        self._bases: dict[tuple[str, ...], tuple[DictConfig, Any]] = {}
+        self._bases: dict[tuple[str, ...], tuple[bytes, Any]] = {}
+        self._parsed: dict[str, Any] = {}
 
     def __call__(
         self, overrides: list[str], *, where: str = "cluster", run_root: Path | None = None
     ) -> Composed:
         from hydra import compose as hydra_compose
         from hydra._internal.config_loader_impl import ConfigLoaderImpl
-        from hydra.core.override_parser.overrides_parser import OverridesParser
 
-        parsed = OverridesParser.create().parse_overrides(overrides)
+        parsed = [self._parse(line) for line in overrides]
         values = [o for o in parsed if self._is_value(o.key_or_group) and o.package is None]
         structural = tuple(o.input_line for o in parsed if not any(o is v for v in values))
         if structural not in self._bases:
@@ -276,9 +277,10 @@ class Composer:
             hydra_node = composed.hydra
             with open_dict(composed):
                 del composed["hydra"]
-            self._bases[structural] = (composed, hydra_node)
+            # Each trial starts from a copy: unpickling one is ~5x faster than a deepcopy of the DictConfig.
+            self._bases[structural] = (pickle.dumps(composed), hydra_node)
         base, hydra_node = self._bases[structural]
-        cfg = copy.deepcopy(base)
+        cfg = pickle.loads(base)
         ConfigLoaderImpl._apply_overrides_to_config(values, cfg)
         # check() reads the group choices, the config sources and name, and the overrides Hydra records:
         # every non-hydra one, in the order given.
@@ -287,6 +289,14 @@ class Composer:
             runtime=hydra_node.runtime, job=hydra_node.job, overrides=SimpleNamespace(task=task)
         )
         return check(cfg, node, where=where, run_root=run_root, absolute=True)
+
+    def _parse(self, line: str) -> Any:
+        """Hydra's parse of one override, once per distinct line (a sweep repeats its fixed overrides)."""
+        from hydra.core.override_parser.overrides_parser import OverridesParser
+
+        if line not in self._parsed:
+            self._parsed[line] = OverridesParser.create().parse_overrides([line])[0]
+        return copy.copy(self._parsed[line])
 
     @staticmethod
     def _is_value(key: str) -> bool:
