@@ -18,6 +18,8 @@ Measures, on the default GPT (experiment=gpt_quickstart) with its data and batch
   i. `trainer plan`'s accuracy: its parameter, gradient and optimizer bytes against the tensors a real run
      holds (exact or not), and its total against the measured rise of the process's peak resident memory
      over the first 3 steps (CPU has no allocator statistics; tests/helpers/memcount.py counts).
+  j. big sweeps (scripts/bench_sweep.py): `trainer submit --dry-run -m` of 1,000 trials against 10, the size of
+     its script, and `trainer status` / `trainer report` of a 10,000-trial sweep.
 With --gpu (a machine with CUDA GPUs) it measures instead, on experiment=gpt_150m (151M parameters,
 bf16-mixed, synthetic tokens): MFU against the GPU's data-sheet dense bf16 peak, eager and compiled, on one
 GPU -- target >= 40% on H100/H200 with compile; DDP and FSDP over NCCL on all the machine's GPUs (scaling
@@ -163,6 +165,7 @@ def main() -> int:
 
     rows.append(profiler_cost(work, args.repeats))
     rows.append(plan_accuracy(work, BASE, gpu=False))
+    rows += sweep_scale(work)
     # b: DDP and FSDP scaling, one thread per rank, interleaved
     one_thread = {"OMP_NUM_THREADS": "1"}
     tps: dict[str, list[float]] = {"one": [], "ddp": [], "fsdp": []}
@@ -228,6 +231,22 @@ def telemetry_cost(work: Path, steps: int, repeats: int) -> tuple[str, str, str]
             f"best {off:,.0f} tokens/s off vs {on:,.0f} on, per repeat {spread(tps['off'], tps['on'])}; "
             f"sampler {per_sample * 1e3:.2f} ms CPU per sample, {per_sample / interval:.3%} of one core at "
             f"{interval:g} s (target < 1%)")  # fmt: skip
+
+
+def sweep_scale(work: Path) -> list[tuple[str, str, str]]:
+    """j. big sweeps (scripts/bench_sweep.py): dry runs of 10 and 1,000 trials; status and report of 10,000."""
+    import bench_sweep
+
+    small, _ = bench_sweep.dry_run(10, work)
+    big, size = bench_sweep.dry_run(1000, work)
+    sweep = bench_sweep.fake_sweep(work / "sweep-scale", 10000)
+    status, _ = bench_sweep.trainer(["status", str(sweep)], work)
+    report, _ = bench_sweep.trainer(["report", str(sweep)], work)
+    return [
+        ("j. sweep dry run, 1,000 trials", f"{big:.1f} s",
+         f"{big / small:.1f}x the 10-trial run ({small:.1f} s); script {size:,} bytes (target <= 5x, < 10 s)"),
+        ("j. trainer status / report, 10,000 trials", f"{status:.1f} s / {report:.1f} s", "a finished sweep's files"),
+    ]  # fmt: skip
 
 
 def plan_accuracy(work: Path, overrides: list[str], gpu: bool) -> tuple[str, str, str]:

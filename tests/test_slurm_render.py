@@ -252,3 +252,13 @@ def test_a_sweep_larger_than_max_array_size_is_several_arrays(cli, tmp_path):
     assert all(j.task_id(t) == a for j in jobs for t, a in zip(j.trials, j.array, strict=True))
     assert '"$((task + 6))p"' in slurm.render(jobs[1])  # task 0 of the second array reads line 6: trial 5
     assert slurm.split_array(job, 7) == [job]
+
+
+@pytest.mark.unit
+def test_array_task_ids_of_the_schedulers_records():
+    from trainer.launch.slurm import _task_ids
+
+    assert _task_ids("7") == [7]
+    assert _task_ids("3-5%2") == [3, 4, 5]  # a pending remainder with a parallelism limit
+    assert _task_ids("0,4-5,9") == [0, 4, 5, 9]
+    assert _task_ids("N/A") == []

@@ -7,6 +7,7 @@ step and losses); its ``slurm/jobs.json`` says which jobs ran it, and the schedu
 
 from __future__ import annotations
 
+import functools
 import sys
 from pathlib import Path
 
@@ -24,7 +25,19 @@ where the job's log is.
 """
 
 
-def run_status(run_dir: Path, extra: tuple[str, ...] = ()) -> dict:
+@functools.cache
+def scheduler_answers() -> bool:
+    """Asked once per command: a SLURM client without a reachable controller retries each call for a minute."""
+    return slurm.reachable()
+
+
+def newest_job(run_dir: Path) -> str | None:
+    jobs = (read_json(rundir.jobs_file(run_dir)) or {}).get("jobs", [])
+    return jobs[-1]["job_id"] if jobs else None
+
+
+def run_status(run_dir: Path, extra: tuple[str, ...] = (), known: dict[str, dict] | None = None) -> dict:
+    """``known``: scheduler records already fetched for many jobs (a sweep's, ``slurm.records_by_task``)."""
     state = read_json(run_dir / rundir.STATE_FILE) or {}
     jobs = (read_json(rundir.jobs_file(run_dir)) or {}).get("jobs", [])
     info: dict = {
@@ -41,7 +54,10 @@ def run_status(run_dir: Path, extra: tuple[str, ...] = ()) -> dict:
     if jobs:
         job = jobs[-1]
         info["job"], info["log"] = job["job_id"], job.get("log")
-        records = slurm.job_records(job["job_id"])
+        if known is not None:
+            records = [known[job["job_id"]]] if job["job_id"] in known else []
+        else:
+            records = slurm.job_records(job["job_id"]) if scheduler_answers() else []
         if records:
             rec = records[0]
             info["job_state"] = rec.get("JobState")
@@ -100,9 +116,16 @@ def show_sweep(sweep_dir: Path) -> None:
     print(f"sweep {ledger.get('name', sweep_dir.name)}  ({sweep_dir}): {len(trials)} trials"
           + (f", last job {jobs[-1]['job_id']} (array {jobs[-1].get('array')})" if jobs else ""))  # fmt: skip
     metric = ledger.get("metric")
+    # The scheduler asked once per array job (of each trial's newest job), not once per trial.
+    newest = [newest_job(Path(t["run_dir"])) for t in trials if t.get("run_dir")]
+    known = slurm.records_by_task([j for j in newest if j]) if scheduler_answers() else {}
     rows = []
     for t in trials:
-        r = run_status(Path(t["run_dir"]), (metric,) if metric else ()) if t.get("run_dir") else {"name": "-"}
+        r = (
+            run_status(Path(t["run_dir"]), (metric,) if metric else (), known)
+            if t.get("run_dir")
+            else {"name": "-"}
+        )
         r["state"] = sweep_ledger.trial_state(t, r.get("state"))
         r["label"] = f"{t['index']}: {' '.join(t.get('overrides', [])) or r['name']}"
         rows.append(r)

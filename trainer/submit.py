@@ -83,13 +83,15 @@ def parse_args(argv: list[str]) -> Options:
     return opts
 
 
-def previous_job(run_dir: Path) -> tuple[str, str] | None:
-    """The job of this run still in the queue, as (job id, state): two jobs must never share a run dir."""
+def previous_job(run_dir: Path, queued: dict[str, str] | None = None) -> tuple[str, str] | None:
+    """The job of this run still in the queue, as (job id, state): two jobs must never share a run dir.
+    ``queued``: the queue as ``slurm.queued_states`` read it once (else squeue is asked for this job)."""
     jobs = (read_json(rundir.jobs_file(run_dir)) or {}).get("jobs", [])
     if jobs:
-        state = slurm.active(jobs[-1]["job_id"])
+        job_id = jobs[-1]["job_id"]
+        state = queued.get(job_id) if queued is not None else slurm.active(job_id)
         if state is not None:
-            return jobs[-1]["job_id"], state
+            return job_id, state
     return None
 
 
@@ -158,6 +160,10 @@ def prepare(opts: Options) -> Submission | None:
                 raise ConfigError("sweep", sweep.name, f"a sweep that no other process runs (trial {entry['index']} "
                                   f"runs on {owner.get('host')}, pid {owner.get('pid')})")  # fmt: skip
     trials, todo = [], []
+    # The queue read once for all trials, where any of them ran before (a resubmitted sweep of 10,000 trials
+    # would otherwise ask squeue 10,000 times).
+    ran_before = any(rundir.jobs_file(c.paths.dir).is_file() for c in composed)
+    queued = slurm.queued_states() if ran_before and len(composed) > 1 else None
     if sweep is not None and settings.kind == "optuna":
         todo = trials = optuna_workers(sweep, overrides, opts.config_dir)
         notes.append(f"{len(todo)} array task(s), each an Optuna worker sharing {sweep.dir}/optuna.journal")
@@ -171,7 +177,7 @@ def prepare(opts: Options) -> Submission | None:
         if c.plan.action == "done":
             notes.append(f"{c.paths.name}: already finished ({c.paths.dir}); not submitted")
             continue
-        busy = previous_job(c.paths.dir)
+        busy = previous_job(c.paths.dir, queued)
         if busy is not None:
             raise ConfigError(
                 "run.name", c.paths.name,

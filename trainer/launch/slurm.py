@@ -450,6 +450,44 @@ def _job_records(job_id: str) -> list[dict[str, str]]:
     return []
 
 
+def records_by_task(job_ids: list[str]) -> dict[str, dict[str, str]]:
+    """What the scheduler knows of many jobs and array tasks (``<array>_<task>``), asked once per job or
+    array (a 10,000-trial sweep is a few arrays: a few calls, not 10,000). Keyed by the ids given."""
+    out: dict[str, dict[str, str]] = {}
+    for base in sorted({j.split("_")[0] for j in job_ids}):
+        for rec in job_records(base):
+            array, tasks = rec.get("ArrayJobId"), rec.get("ArrayTaskId")
+            if array and tasks:  # scontrol: a pending remainder is one record for a range (3-9%2, 4,7)
+                for task in _task_ids(tasks):
+                    out[f"{array}_{task}"] = rec
+            elif rec.get("JobId"):  # scontrol's plain job, or sacct's "123_4"
+                out[rec["JobId"]] = rec
+    return out
+
+
+def _task_ids(spec: str) -> list[int]:
+    ids: list[int] = []
+    for part in spec.split("%")[0].split(","):
+        lo, _, hi = part.partition("-")
+        if lo.isdigit() and (hi.isdigit() or not hi):
+            ids.extend(range(int(lo), int(hi or lo) + 1))
+    return ids
+
+
+def queued_states() -> dict[str, str] | None:
+    """My jobs in the queue and their states, array tasks one by one (``squeue --me -r``), in one call;
+    ``None`` when squeue cannot say (then ask per job with ``active``)."""
+    if not shutil.which("squeue"):
+        return None
+    try:
+        proc = _run(["squeue", "-h", "-r", "--me", "-o", "%i|%T"], timeout=30)
+    except SchedulerError:
+        return None
+    if proc.returncode != 0:
+        return None
+    return dict(line.split("|", 1) for line in proc.stdout.split() if "|" in line)
+
+
 def active(job_id: str) -> str | None:
     """The state of a job still in the queue (PENDING, RUNNING, ...), or ``None``."""
     if not shutil.which("squeue"):
