@@ -103,3 +103,45 @@ def test_your_own_model_is_planned_and_bad_input_is_one_line(cli, tmp_path):
     ):
         result = cli("plan", *bad)
         assert result.returncode == 2 and result.output.strip().startswith(words), result.output
+
+
+@pytest.mark.unit
+@pytest.mark.parametrize(("world", "nodes", "hybrid"), [(1024, 128, False), (1024, 128, True), (7, 1, False)])
+def test_the_strategy_sharding_over_a_fake_process_group_matches_the_arithmetic(world, nodes, hybrid):
+    """torch's fake process group of the job's size: the strategy's own fully_shard calls, checked against
+    torch.chunk's arithmetic (dimension 0 in chunks of ceil(d0 / shard ranks)) and FSDP's collectives."""
+    import math
+
+    from trainer.models.gpt import GPTModule
+    from trainer.strategy import dryrun
+
+    def build():
+        return GPTModule(n_layer=4, n_head=4, n_embd=64, block_size=32, vocab_size=1000, dropout=0.0, bias=True,
+                         tie_weights=False)  # fmt: skip
+
+    shapes = [list(p.shape) for p in build().parameters()]
+    result = dryrun.check(build, world, nodes, hybrid, "bf16-mixed", False, False, optimizer_states=2)
+    n = world // nodes if hybrid else world
+
+    def held(shape, rank):
+        chunk = math.ceil(shape[0] / n)
+        return max(0, min(chunk, shape[0] - rank * chunk)) * math.prod(shape[1:])
+
+    assert result.world == world and result.shard_over == n and result.units == 4
+    assert result.rank0_params == sum(held(s, 0) for s in shapes)
+    assert result.min_rank_params == sum(held(s, n - 1) for s in shapes)
+    assert result.params_bytes["rank 0"] == 4 * result.rank0_params  # fp32 master weights
+    assert result.checkpoint_bytes["rank 0"] == 3 * 4 * result.rank0_params  # with AdamW's two states
+    if world == 7:  # uneven: the shards of all ranks add up to the model
+        assert sum(sum(held(s, r) for s in shapes) for r in range(7)) == sum(math.prod(s) for s in shapes)
+        assert result.min_rank_params < result.rank0_params
+    kinds = [(c.kind, c.count) for c in result.collectives]
+    gathers = sum(count for kind, count in kinds if kind == "all_gather")
+    assert gathers == 2 * 4 + 1  # each block before its forward and its backward; the root once
+    assert sum(1 for kind, _ in kinds if kind == "reduce_scatter") == 5
+    assert sum(1 for kind, _ in kinds if kind == "all_reduce") == (5 if hybrid else 0)
+    block = sum(p.numel() for p in build().net.blocks.parameters())
+    unit_gathers = [
+        c.bytes for c in result.collectives if c.kind == "all_gather" and c.unit.startswith("unit")
+    ]
+    assert sum(unit_gathers) == block * 2  # bf16 gathers

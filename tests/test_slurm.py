@@ -294,3 +294,57 @@ def test_optuna_sweep_runs_as_array_tasks_sharing_one_study(tmp_path, env):
     assert all(
         json.loads((Path(e["run_dir"]) / "run.json").read_text())["status"] == "finished" for e in entries
     )
+
+
+@pytest.mark.slow
+@pytest.mark.extended
+def test_a_requeue_storm_over_a_50_task_array_loses_and_repeats_nothing(tmp_path, env):
+    """Every running task of a 50-trial array preempted at once (USR1 to the whole array): each saves, exits 75
+    and requeues itself; the array finishes every trial, none is started twice from scratch or run twice,
+    and the ledger, trainer status and the run directories agree. (~3 minutes on the 2-node test cluster.)"""
+    lrs = [f"{0.001 + i * 1e-5:.5f}" for i in range(50)]
+    steps = 30
+    job_id = submit(tmp_path, env, "-m", *MODEL, "model.step_sleep_s=0.1", f"trainer.max_steps={steps}",
+                    "checkpoint.every_n_steps=1000", f"optim.lr={','.join(lrs)}")  # fmt: skip
+    (sweep,) = (tmp_path / "runs").glob("sweep-*")
+    ledger = json.loads((sweep / "sweep.json").read_text())
+    run_dirs = [Path(t["run_dir"]) for t in ledger["trials"]]
+    assert len(run_dirs) == 50
+
+    def training() -> list[int]:
+        """The trials whose tasks run and have logged step 5 or later."""
+        out = []
+        for i, run_dir in enumerate(run_dirs):
+            rows = read_metrics(run_dir) if (run_dir / "metrics.csv").exists() else []
+            if rows and 5 <= int(rows[-1]["step"]) < steps - 5:
+                out.append(i)
+        return out
+
+    deadline = time.monotonic() + 180
+    while len(training()) < 3:  # the 2 nodes run 4 tasks at a time
+        assert time.monotonic() < deadline, job(job_id, env)
+        time.sleep(0.1)
+    storm = subprocess.run(["scancel", "--signal=USR1", job_id], env=env, capture_output=True, text=True)
+    assert storm.returncode in (0, 1), storm.stderr  # 1: some tasks were still pending (nothing to signal)
+
+    records = wait_done(job_id, env, timeout=900)
+    assert sorted(int(r["ArrayTaskId"]) for r in records) == list(range(50))
+    assert all(r["JobState"] == "COMPLETED" for r in records), [r["JobState"] for r in records]
+    preempted = 0
+    for run_dir in run_dirs:
+        state = json.loads((run_dir / "run.json").read_text())
+        assert state["status"] == "finished", (run_dir, state)
+        attempts = state["attempts"]
+        assert [a["action"] for a in attempts].count("start") == 1, (
+            run_dir,
+            attempts,
+        )  # never twice from scratch
+        if attempts[0]["status"] == "preempted":
+            preempted += 1
+            assert len(attempts) == 2 and attempts[1]["action"] == "resume", attempts
+        # every step trained and logged exactly once: nothing lost, nothing run twice
+        assert [int(r["step"]) for r in read_metrics(run_dir)] == list(range(1, steps + 1)), run_dir
+    assert preempted >= 3
+    status = trainer(tmp_path, env, "status", str(sweep))
+    assert status.stdout.count("COMPLETED") == 50 and status.stdout.count("finished") == 50, status.stdout
+    print(f"requeue storm: {preempted} tasks preempted at once, all 50 trials finished")

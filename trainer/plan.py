@@ -430,6 +430,9 @@ class Plan:
     fits: bool | None
     would_fit: list[str]
     notes: list[str]
+    scale: dict | None = None
+    """FSDP over several ranks: the sharding applied over a fake process group of the job's size
+    (trainer/strategy/dryrun.py): per-rank bytes, collectives per step, checkpoint size per rank."""
 
 
 def _smallest_fsdp(
@@ -493,6 +496,11 @@ def make_plan(c: Any) -> Plan:
     if m.note:
         notes.append(m.note)
     figures = per_device(m, layout)
+    scale = (
+        _fake_group_check(c, layout, m, figures, notes)
+        if layout.strategy == "fsdp" and layout.world > 1
+        else None
+    )
     device, where = device_memory(conf)
     ok = fits(figures.total_bytes, device)
     would = _suggestions(c, m, layout, device) if ok is False else []
@@ -510,7 +518,38 @@ def make_plan(c: Any) -> Plan:
         fits=ok,
         would_fit=would,
         notes=notes,
+        scale=scale,
     )
+
+
+def _fake_group_check(
+    c: Any, layout: Layout, m: Measured, figures: PerDevice, notes: list[str]
+) -> dict | None:
+    """The strategy's own sharding over a fake process group of ``layout.world`` ranks; a note where it
+    holds other figures than the plan's."""
+    from dataclasses import asdict as as_dict
+
+    from trainer.fit import build_model
+    from trainer.strategy import dryrun
+
+    conf = c.conf
+    states = (
+        2 if m.optimizer in ("AdamW", "Adam") else (len(m.optimizer_state) // max(1, len(m.param_shapes)))
+    )
+    try:
+        result = dryrun.check(lambda: build_model(_eager(c)), layout.world, conf.trainer.num_nodes,
+                              layout.shard_over < layout.world, conf.precision.value, layout.offload,
+                              layout.activation_checkpointing, states)  # fmt: skip
+    except Exception as err:  # the plan stands without it; say why
+        notes.append(f"not checked over a fake process group of {layout.world} ranks ({_why(err)})")
+        return None
+    planned = figures.params_bytes if not layout.offload else None
+    if planned is not None and result.params_bytes["rank 0"] != planned:
+        notes.append(f"the fake process group gives rank 0 {result.params_bytes['rank 0']:,} parameter bytes, "
+                     f"the plan {planned:,}")  # fmt: skip
+    out = as_dict(result)
+    out["step_bytes_per_rank"] = result.step_bytes()
+    return out
 
 
 def _strategy_words(p: Plan, conf: Any) -> str:
@@ -561,8 +600,32 @@ def render(p: Plan, conf: Any) -> str:
     if p.fits is False:
         lines.append("would fit: " + (" | ".join(p.would_fit) if p.would_fit else "none of FSDP over up to 512 "
                                       "ranks, activation checkpointing or a smaller batch"))  # fmt: skip
+    if p.scale:
+        lines += _scale_lines(p)
     lines += [f"note: {n}" for n in p.notes]
     return "\n".join(lines)
+
+
+def _scale_lines(p: Plan) -> list[str]:
+    s = p.scale or {}
+    calls: dict[str, list[int]] = {}
+    for col in s["collectives"]:
+        count, size = calls.setdefault(col["kind"], [0, 0])
+        calls[col["kind"]] = [count + col["count"], size + col["count"] * col["bytes"]]
+    same = "" if s["params_bytes"]["rank 0"] != p.per_device["params_bytes"] else " (as planned above)"
+    return [
+        f"fake process group: {s['world']} ranks, sharded by the strategy's own code over {s['shard_over']} "
+        f"({s['units']} units + roots) in {s['seconds']:.1f} s",
+        f"  parameters per rank      {s['params_bytes']['rank 0'] / MiB:10,.1f} MiB on rank 0{same}, "
+        f"{s['params_bytes']['smallest'] / MiB:,.1f} MiB on the smallest shard",
+        f"  checkpoint per rank      {s['checkpoint_bytes']['rank 0'] / MiB:10,.1f} MiB (fp32 parameters and "
+        f"optimizer state: one DCP shard file)",
+        "  collectives per step     "
+        + ", ".join(
+            f"{n} {kind.replace('_', '-')}s ({size / MiB:,.1f} MiB)" for kind, (n, size) in calls.items()
+        ),
+        f"  sent per rank per step   {s['step_bytes_per_rank'] / MiB:10,.1f} MiB (ring algorithms)",
+    ]
 
 
 def check_job(c: Any, config_dir: str | None) -> str:

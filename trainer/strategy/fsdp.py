@@ -94,6 +94,38 @@ def _contains(outer: nn.Module, inner: nn.Module) -> bool:
     return any(m is inner for m in outer.modules())
 
 
+def apply_fsdp(
+    module: nn.Module, mesh: Any, precision: str, cpu_offload: bool, activation_checkpointing: bool
+) -> tuple[list[nn.Module], list[nn.Module]]:
+    """``fully_shard`` the module over ``mesh`` as the strategy does: each unit (with its activation
+    checkpointing wrapper), then the roots. Returns (units, roots). Also what ``trainer plan`` applies over a
+    fake process group of the job's size (trainer/strategy/dryrun.py)."""
+    from torch.distributed.fsdp import CPUOffloadPolicy, MixedPrecisionPolicy, OffloadPolicy, fully_shard
+
+    units = sharding_units(module)
+    if activation_checkpointing and units:
+        from torch.distributed.algorithms._checkpoint.checkpoint_wrapper import checkpoint_wrapper
+
+        # The wrapper's state-dict hooks strip its prefix: checkpoints are the same with and without it.
+        units = _wrap_in_place(module, units, checkpoint_wrapper)
+    mp = (
+        MixedPrecisionPolicy(param_dtype=torch.bfloat16, reduce_dtype=torch.float32)
+        if precision == "bf16-mixed"
+        else MixedPrecisionPolicy()
+    )
+    offload = CPUOffloadPolicy() if cpu_offload else OffloadPolicy()
+    for unit in units:
+        fully_shard(unit, mesh=mesh, mp_policy=mp, offload_policy=offload)
+    # The roots gather what no unit holds (embeddings, final norm, head). FSDP gathers a module's
+    # parameters in a hook on its forward, and a LightningModule's training_step calls its submodules
+    # rather than its own forward: so each direct child with parameters is a root, not the module itself.
+    roots = _roots(module)
+    for root in roots:
+        # Needed again right after the forward for the backward: not resharded in between.
+        fully_shard(root, mesh=mesh, mp_policy=mp, offload_policy=offload, reshard_after_forward=False)
+    return units, roots
+
+
 def compile_per_unit(module: nn.Module, units: list[nn.Module]) -> list[nn.Module]:
     """Move an in-place ``nn.Module.compile()`` of a module that holds sharding units onto the units.
 
@@ -214,31 +246,12 @@ class FSDP2Strategy(pl_module("strategies").ModelParallelStrategy):
         return self.device_mesh["data_parallel"]
 
     def _shard(self, module: nn.Module) -> None:
-        from torch.distributed.fsdp import CPUOffloadPolicy, MixedPrecisionPolicy, OffloadPolicy, fully_shard
-
-        units = sharding_units(module)
-        if self.activation_checkpointing and units:
-            from torch.distributed.algorithms._checkpoint.checkpoint_wrapper import checkpoint_wrapper
-
-            # The wrapper's state-dict hooks strip its prefix: checkpoints are the same with and without it.
-            units = _wrap_in_place(module, units, checkpoint_wrapper)
         mesh = self._sharding_mesh = self._mesh()
-        mp = (
-            MixedPrecisionPolicy(param_dtype=torch.bfloat16, reduce_dtype=torch.float32)
-            if self.precision_name == "bf16-mixed"
-            else MixedPrecisionPolicy()
+        units, _ = apply_fsdp(
+            module, mesh, self.precision_name, self.cpu_offload, self.activation_checkpointing
         )
-        offload = CPUOffloadPolicy() if self.cpu_offload else OffloadPolicy()
-        for unit in units:
-            fully_shard(unit, mesh=mesh, mp_policy=mp, offload_policy=offload)
         if compile_per_unit(module, units):
             log.info("fsdp: compiling each of the %d sharding units instead of the whole model", len(units))
-        # The roots gather what no unit holds (embeddings, final norm, head). FSDP gathers a module's
-        # parameters in a hook on its forward, and a LightningModule's training_step calls its submodules
-        # rather than its own forward: so each direct child with parameters is a root, not the module itself.
-        for root in _roots(module):
-            # Needed again right after the forward for the backward: not resharded in between.
-            fully_shard(root, mesh=mesh, mp_policy=mp, offload_policy=offload, reshard_after_forward=False)
         self._record(module, units, mesh)
 
     def _record(self, module: nn.Module, units: list[nn.Module], mesh: Any) -> None:
