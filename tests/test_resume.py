@@ -72,6 +72,7 @@ def test_sigterm_mid_epoch_gpt_with_dropout(tmp_path, env, text_corpus):
 
 
 @pytest.mark.distributed
+@pytest.mark.extended  # CI time: FSDP's 2-process preempt-and-kill test and the 2-node SLURM one hold it in CI
 def test_two_process_ddp_preempted_and_killed(tmp_path, env, text_corpus):
     args = [*GPT, f"data.path={text_corpus}", "strategy=ddp", "trainer.devices=2", "trainer.max_steps=40"]
     ref = reference_run(tmp_path, env, args)

@@ -271,6 +271,7 @@ def test_requests_the_scheduler_cannot_run_are_refused_before_submitting(tmp_pat
     assert not (tmp_path / "runs").exists()
 
 
+@pytest.mark.extended  # CI time: the array and its ledger are held by the grid sweep test in CI
 def test_optuna_sweep_runs_as_array_tasks_sharing_one_study(tmp_path, env):
     import optuna
     from optuna.storages import JournalStorage

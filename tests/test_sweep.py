@@ -92,6 +92,7 @@ def test_grid_sweep_runs_every_trial_and_reports(tmp_path, env):
 
 
 @pytest.mark.slow
+@pytest.mark.extended  # CI time: resubmitting a finished sweep (SLURM test) holds part of it in CI
 def test_interrupted_sweep_resumes_and_skips_finished_trials(tmp_path, env):
     args = ["train", "-m", "--config-dir", str(HELPERS / "conf"), "model=faulty", "data=digits",
             "trainer.accelerator=cpu", "trainer.val_check_interval=1000", "trainer.enable_progress_bar=false",

@@ -136,6 +136,7 @@ def test_template_module_killed_resumes_bit_identical(tmp_path, namespace):
 
 
 @pytest.mark.slow
+@pytest.mark.extended  # CI time (30 minutes): run with make test-extended
 @pytest.mark.parametrize("namespace", ONE_NAMESPACE)
 def test_autoencoder_sweeps_on_its_own_metric_with_wandb(tmp_path, namespace):
     root = user_copy(tmp_path, namespace)
