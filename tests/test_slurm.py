@@ -214,18 +214,19 @@ def test_the_batch_shell_outlives_a_sigterm_aimed_at_it(tmp_path, env):
     assert [int(r["step"]) for r in read_metrics(run_dir)] == list(range(1, 31))
 
 
-def test_sweep_is_a_job_array_with_a_ledger_split_below_max_array_size(tmp_path, env):
+def test_sweep_is_a_job_array_with_a_ledger_split_below_max_array_size(tmp_path, env, monkeypatch):
     """Three trials on a cluster profile whose MaxArraySize is 2: array tasks 0 and 1 of a first array, task 0
     of a second one (offset 2); each task reads its own line of trials.args."""
     from trainer.launch import slurm
 
+    monkeypatch.setenv("SLURM_CONF", env["SLURM_CONF"])
     assert slurm.max_array_size() == 1001  # what the test cluster's scontrol says (Slurm's default)
     lrs = ["optim.lr=0.01", "optim.lr=0.003", "optim.lr=0.001"]
     sweep = ["-m", *MODEL, "trainer.max_steps=10", "optim.lr=0.01,0.003,0.001", "cluster.max_array_size=2"]
     res = trainer(tmp_path, env, "submit", *ON_CLUSTER, *sweep)
     assert res.returncode == 0, res.stdout + res.stderr
     first, second = re.findall(r"submitted job (\S+)", res.stdout)
-    assert "3 trials as 2 job arrays" in res.stderr
+    assert "(array of 2 trial(s))" in res.stdout and "(array of 1 trial(s))" in res.stdout, res.stdout
     sweeps = list((tmp_path / "runs").glob("sweep-*"))
     assert len(sweeps) == 1
     ledger = json.loads((sweeps[0] / "sweep.json").read_text())
@@ -325,8 +326,9 @@ def test_a_requeue_storm_over_a_50_task_array_loses_and_repeats_nothing(tmp_path
     while len(training()) < 3:  # the 2 nodes run 4 tasks at a time
         assert time.monotonic() < deadline, job(job_id, env)
         time.sleep(0.1)
-    storm = subprocess.run(["scancel", "--signal=USR1", job_id], env=env, capture_output=True, text=True)
-    assert storm.returncode in (0, 1), storm.stderr  # 1: some tasks were still pending (nothing to signal)
+    # Slurm 22.05 exits non-zero here ("Job can not be altered now" for the array) though the running tasks
+    # get the signal: what counts is below, how many trials were preempted.
+    subprocess.run(["scancel", "--signal=USR1", job_id], env=env, capture_output=True, text=True)
 
     records = wait_done(job_id, env, timeout=900)
     assert sorted(int(r["ArrayTaskId"]) for r in records) == list(range(50))

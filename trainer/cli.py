@@ -56,6 +56,10 @@ def main(argv: list[str] | None = None) -> int:
         print(USAGE, end="")
         return 0
     command, rest = args[0], args[1:]
+    if command == "train" and not ("-m" in rest or "--multirun" in rest):
+        from trainer import early_signals
+
+        early_signals.catch()  # a preemption signal during the seconds of start-up is not fatal
     if command == "train" and ("-m" in rest or "--multirun" in rest):  # a sweep: one process per trial
         from trainer.sweep.local import main as sweep_main
 

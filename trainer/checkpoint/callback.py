@@ -29,6 +29,7 @@ from typing import Any
 import numpy as np
 import torch
 
+from trainer import early_signals
 from trainer.checkpoint.manifest import (
     read_manifest,
     remove_checkpoint,
@@ -61,6 +62,7 @@ def install_early_handlers(signals: list[str]) -> None:
     for name in signals:
         signal.signal(getattr(signal, name), remember)
         signal.siginterrupt(getattr(signal, name), False)
+    early_signals.redeliver()  # one that came while the process was importing
 
 
 def capture_rng() -> dict[str, Any]:

@@ -30,7 +30,7 @@ import time
 from pathlib import Path
 from typing import IO
 
-from trainer import exits
+from trainer import early_signals, exits
 from trainer.config.compose import PLAN_ENV
 from trainer.runlock import HOLDER_ENV
 
@@ -139,6 +139,7 @@ def run_workers(
                 p.send_signal(signum)
 
     previous = {s: signal.signal(s, forward) for s in FORWARDED}
+    early_signals.redeliver()  # one that came while this launcher was starting goes to the workers
     failed_at: float | None = None
     try:
         while any(p.poll() is None for p in procs):
