@@ -216,7 +216,9 @@ class Checkpointer(pl.Callback):
 
     def restore_signal_handlers(self) -> None:
         for signum, handler in self._original_handlers.items():
-            signal.signal(signum, handler)
+            # Preempted: saved, and about to exit 75. The same signal again (Slurm repeats a signal it could
+            # not deliver at once) must not kill the process on its way out: the job would not be requeued.
+            signal.signal(signum, signal.SIG_IGN if self.preempted else handler)
         self._original_handlers.clear()
 
     def _on_signal(self, signum: int, frame: Any) -> None:
