@@ -3,6 +3,10 @@ VENV ?= .venv
 PY := $(VENV)/bin/python
 STAMP := $(VENV)/.installed
 ARGS ?=
+# Test processes: one per core, at most 4 (each test starts training processes of its own). The SLURM tests
+# share one test cluster, so they run one after another on one of them (tests/conftest.py).
+TEST_WORKERS ?= $(shell n=$$(nproc 2>/dev/null || echo 2); [ $$n -gt 4 ] && n=4; echo $$n)
+PYTEST_PARALLEL = -n $(TEST_WORKERS)
 
 .DEFAULT_GOAL := help
 
@@ -22,10 +26,10 @@ train: $(STAMP) ## train with Hydra overrides: make train ARGS="experiment=digit
 	$(VENV)/bin/trainer train $(ARGS)
 
 test: $(STAMP) lint slurm-deps ## set up, lint, then run every test tier that needs no GPU (what CI runs)
-	$(PY) -m pytest -m "not gpu and not extended" $(ARGS)
+	$(PY) -m pytest $(PYTEST_PARALLEL) -m "not gpu and not extended" $(ARGS)
 
 test-extended: $(STAMP) slurm-deps ## the extended tier: slower tests CI leaves out to stay within 30 minutes
-	$(PY) -m pytest -m extended $(ARGS)
+	$(PY) -m pytest $(PYTEST_PARALLEL) -m extended $(ARGS)
 
 # The slurm-marked tests bring up a real 2-node SLURM cluster on this machine (root, Debian's packages).
 # Where the packages cannot be installed (not root, not Debian) those tests are skipped, and say why.

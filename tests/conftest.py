@@ -216,3 +216,38 @@ def slurm_conf() -> str:
     yield env_line.stdout.strip().split("=", 1)[1]
     if "SLURM_TEST_ROOT" in env:
         subprocess.run([str(CLUSTER), "down"], capture_output=True, timeout=120, env=env)
+
+
+# Under `pytest -n` (make test) the SLURM tests share one test cluster: they all live in this file, which one
+# worker runs in turn (a second cluster brought up at the same moment would race for its slot).
+SLURM_TESTS = "tests/test_slurm.py"
+
+
+@pytest.hookimpl(optionalhook=True)  # a hook of pytest-xdist, called only where it is installed
+def pytest_xdist_make_scheduler(config: pytest.Config, log):
+    from xdist.scheduler import LoadScopeScheduling
+
+    class OneClusterScheduling(LoadScopeScheduling):
+        """Each test is a unit of work of its own, except the SLURM tests, which are one."""
+
+        def _split_scope(self, nodeid: str) -> str:
+            return SLURM_TESTS if nodeid.startswith(SLURM_TESTS + "::") else nodeid
+
+    return OneClusterScheduling(config, log)
+
+
+def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item]) -> None:
+    """The longest tests start first (the SLURM tests, then the slow tier, the README's ~50 commands first of
+    those), so that under ``pytest -n`` no worker is left with a long test at the end while the others idle."""
+    for item in items:
+        if item.get_closest_marker("slurm") and not item.nodeid.startswith(SLURM_TESTS + "::"):
+            raise pytest.UsageError(f"{item.nodeid}: a slurm-marked test belongs in {SLURM_TESTS}")
+
+    def first(item: pytest.Item) -> int:
+        if item.get_closest_marker("slurm"):
+            return 0
+        if item.get_closest_marker("slow"):
+            return 1 if item.path.name == "test_readme.py" else 2
+        return 3
+
+    items.sort(key=first)

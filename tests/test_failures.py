@@ -164,10 +164,13 @@ def test_time_based_checkpoints(tmp_path, env):
 def test_a_signal_during_start_up_is_a_preemption_not_a_death(tmp_path, env):
     """USR1 while `trainer train` is still importing (a requeue storm, a preemption right after a start): the
     run saves at its first step boundary and asks to be requeued (75), where the signal's default action
-    killed it (exit 138: a SLURM task neither requeued nor finished)."""
-    proc = start_train(tmp_path, [*FAULTY, "trainer.max_steps=50", "run.name=early"], env)
+    killed it (exit 138: a SLURM task neither requeued nor finished). On its way out the saved run ignores
+    the signal: Slurm repeats one, and the default action Python restores at shutdown would kill it (138)."""
+    report = tmp_path / "signals-at-exit.txt"
+    proc = start_train(tmp_path, [*FAULTY, "trainer.max_steps=50", "run.name=early", f"model.exit_report={report}"], env)  # fmt: skip
     time.sleep(0.3)  # well inside the imports
     os.kill(proc.pid, signal.SIGUSR1)
     out, _ = proc.communicate(timeout=120)
     assert proc.returncode == 75, out
     assert "preempted by a signal: checkpoint saved at step 1" in out, out
+    assert report.read_text() == "SIGUSR1 ignored\nSIGTERM ignored\n"

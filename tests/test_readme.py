@@ -12,7 +12,7 @@ change that breaks an example fails here. What the test changes, and why, is the
   matching run, sweep or checkpoint made by the commands before.
 - NOT_RUN: the few commands that are not the product's (the test suite itself, benchmarks, W&B's own
   `wandb login`/`wandb sync`, which need an account and the internet), each with its reason.
-- `trainer submit` commands run against the project's SLURM test cluster (`tests/test_readme.py::test_submit_...`,
+- `trainer submit` commands run against the project's SLURM test cluster (`tests/test_slurm.py::test_submit_...`,
   slurm tier); the jobs they submit are cancelled once the scheduler has accepted them (the slurm tests run
   such jobs to the end).
 
@@ -29,7 +29,6 @@ import shlex
 import shutil
 import subprocess
 import sys
-import time
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -354,28 +353,3 @@ def test_the_readme_bad_input_examples_print_the_readme_lines(tmp_path):
             prompt,
             lines[-1],
         )
-
-
-@pytest.mark.slurm
-def test_submit_commands_of_the_readme_and_help_are_accepted_by_the_test_cluster(tmp_path, slurm_conf):
-    work = Workspace.make(tmp_path, SLURM_CONF=slurm_conf)
-    commands = [c for c in readme_commands() + help_commands() if c.text.startswith("trainer submit")]
-    assert len(commands) >= 6 and any("--dry-run" in c.text for c in commands)
-
-    def cancel(output: str) -> None:
-        """Each command is checked alone: its job leaves the queue before the next command (two jobs for
-        one run directory would be refused, rightly)."""
-        jobs = re.findall(r"submitted job (\d+)", output)
-        if jobs:
-            subprocess.run(["scancel", *jobs], env=work.env, capture_output=True, check=True)
-            for _ in range(100):
-                queued = subprocess.run(["squeue", "-h", "-j", ",".join(jobs)], env=work.env,
-                                        capture_output=True, text=True).stdout  # fmt: skip
-                if not queued.strip():
-                    break
-                time.sleep(0.1)
-
-    failures, ran = work.run_all(commands, after=cancel)
-    assert not failures, "\n\n".join(failures)
-    real = [out for c, _, out in ran if "--dry-run" not in c.text]
-    assert len(real) >= 4 and all(re.search(r"submitted job \d+", out) for out in real), real

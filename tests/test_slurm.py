@@ -16,6 +16,7 @@ import time
 from pathlib import Path
 
 import pytest
+import test_readme as readme
 import torch
 import yaml
 from conftest import REPO, clean_env, read_metrics
@@ -300,12 +301,6 @@ def test_optuna_sweep_runs_as_array_tasks_sharing_one_study(tmp_path, env):
 
 @pytest.mark.slow
 @pytest.mark.extended
-@pytest.mark.xfail(
-    reason="known bug, open: 1-3 of 50 tasks still end FAILED with exit 138 (SIGUSR1) after saving "
-    "and printing exit code 75 (Slurm 22.05 answers 'Job can not be altered now' and the signal "
-    "reaches the step again); see the closing note of 2026-12-02",
-    strict=False,
-)
 def test_a_requeue_storm_over_a_50_task_array_loses_and_repeats_nothing(tmp_path, env):
     """Every running task of a 50-trial array preempted at once (USR1 to the whole array): each saves, exits 75
     and requeues itself; the array finishes every trial, none is started twice from scratch or run twice,
@@ -357,3 +352,29 @@ def test_a_requeue_storm_over_a_50_task_array_loses_and_repeats_nothing(tmp_path
     status = trainer(tmp_path, env, "status", str(sweep))
     assert status.stdout.count("COMPLETED") == 50 and status.stdout.count("finished") == 50, status.stdout
     print(f"requeue storm: {preempted} tasks preempted at once, all 50 trials finished")
+
+
+def test_submit_commands_of_the_readme_and_help_are_accepted_by_the_test_cluster(tmp_path, slurm_conf):
+    work = readme.Workspace.make(tmp_path, SLURM_CONF=slurm_conf)
+    commands = [
+        c for c in readme.readme_commands() + readme.help_commands() if c.text.startswith("trainer submit")
+    ]
+    assert len(commands) >= 6 and any("--dry-run" in c.text for c in commands)
+
+    def cancel(output: str) -> None:
+        """Each command is checked alone: its job leaves the queue before the next command (two jobs for
+        one run directory would be refused, rightly)."""
+        jobs = re.findall(r"submitted job (\d+)", output)
+        if jobs:
+            subprocess.run(["scancel", *jobs], env=work.env, capture_output=True, check=True)
+            for _ in range(100):
+                queued = subprocess.run(["squeue", "-h", "-j", ",".join(jobs)], env=work.env,
+                                        capture_output=True, text=True).stdout  # fmt: skip
+                if not queued.strip():
+                    break
+                time.sleep(0.1)
+
+    failures, ran = work.run_all(commands, after=cancel)
+    assert not failures, "\n\n".join(failures)
+    real = [out for c, _, out in ran if "--dry-run" not in c.text]
+    assert len(real) >= 4 and all(re.search(r"submitted job \d+", out) for out in real), real

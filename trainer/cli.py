@@ -67,7 +67,11 @@ def main(argv: list[str] | None = None) -> int:
     if command == "train":
         from trainer.train import cli_main
 
-        return cli_main(rest)
+        try:
+            return cli_main(rest)
+        finally:
+            if argv is None:  # this process's own command: it exits next (a caller of main() may go on)
+                early_signals.ignore()
     if command == "submit":
         from trainer.submit import main as submit_main
 

@@ -37,3 +37,14 @@ def redeliver() -> None:
     _pending.clear()
     for signum in pending:
         os.kill(os.getpid(), signum)
+
+
+def ignore() -> None:
+    """From now on the preemption signals are ignored: for a training process on its way out, whose work is
+    saved (or failed, and says so). Python sets the handlers it installed back to the default action while
+    the interpreter shuts down, and Slurm repeats a signal a busy step did not take: a run that had saved and
+    printed "exit 75" was then killed by the repeat (exit 138: not requeued, its trial lost). Only a handler
+    of SIG_IGN survives the shutdown. (Lightning's teardown restores every handler it found before training,
+    so this cannot be done any earlier than after training.)"""
+    for signum in CAUGHT:
+        signal.signal(signum, signal.SIG_IGN)

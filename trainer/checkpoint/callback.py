@@ -215,10 +215,10 @@ class Checkpointer(pl.Callback):
             self.wait()
 
     def restore_signal_handlers(self) -> None:
+        # (Lightning's teardown then restores its own snapshot of every handler; the process's way out, where
+        # a repeated signal must not kill a saved run, is early_signals.ignore's.)
         for signum, handler in self._original_handlers.items():
-            # Preempted: saved, and about to exit 75. The same signal again (Slurm repeats a signal it could
-            # not deliver at once) must not kill the process on its way out: the job would not be requeued.
-            signal.signal(signum, signal.SIG_IGN if self.preempted else handler)
+            signal.signal(signum, handler)
         self._original_handlers.clear()
 
     def _on_signal(self, signum: int, frame: Any) -> None:
