@@ -339,7 +339,7 @@ def test_a_requeue_storm_over_a_50_task_array_loses_and_repeats_nothing(tmp_path
         state = json.loads((run_dir / "run.json").read_text())
         assert state["status"] == "finished", (run_dir, state)
         attempts = state["attempts"]
-        assert [a["action"] for a in attempts].count("start") == 1, (
+        assert [a["action"] for a in attempts].count("fresh") == 1, (
             run_dir,
             attempts,
         )  # never twice from scratch
