@@ -243,6 +243,7 @@ def test_optuna_sees_the_same_space():
 def test_a_sweep_composes_each_trial_as_hydra_would_at_a_fraction_of_the_cost(tmp_path, monkeypatch):
     """The Composer (Hydra once per set of group choices, then each trial's values) against a full Hydra
     composition per trial: the same config, overrides, run dir and notes, or the same one-line error."""
+    from trainer.config import compose as compose_module
     from trainer.config.compose import Composer, compose, session
     from trainer.config.errors import describe
 
@@ -257,6 +258,20 @@ def test_a_sweep_composes_each_trial_as_hydra_would_at_a_fraction_of_the_cost(tm
         ["cluster=slurm", "model.nope=1"],
         ["cluster=slurm", "~model.n_layer"],
         ["cluster=slurm", "model=gpt", "trainer.max_steps=7", "seed=3"],
+        # the same keys as the first trial, other values: derived from it, or composed in full where a
+        # derivation could differ (and for bad values)
+        ["cluster=slurm", "optim.lr=5e-4", "model.n_layer=6"],
+        ["cluster=slurm", "optim.lr=0.02", "model.n_layer=1"],
+        ["cluster=slurm", "optim.lr=nan", "model.n_layer=2"],
+        ["cluster=slurm", "optim.lr=5e-4", "model.n_layer=abc"],
+        ["cluster=slurm", "optim.lr=5e-4", "model.n_layer=null"],
+        ["cluster=slurm", "optim.lr=5e-4", "model.n_layer=-1"],
+        ["cluster=slurm", "model.block_size=64"],  # data.seq_len is ${model.block_size}
+        ["cluster=slurm", "model.block_size=32"],
+        ["cluster=slurm", "trainer.devices=1"],
+        ["cluster=slurm", "trainer.devices=2"],  # strategy auto becomes ddp: not the first one's
+        ["cluster=slurm", "trainer.devices=3"],
+        ["experiment=digits_mlp", "cluster=slurm", "model.hidden=[32,16]", "+callbacks.x._target_=c.D"],
     ]
 
     def outcome(make, trial):
@@ -264,11 +279,48 @@ def test_a_sweep_composes_each_trial_as_hydra_would_at_a_fraction_of_the_cost(tm
             c = make(trial)
         except Exception as exc:  # noqa: BLE001 (the line a user would see)
             return describe(exc)
-        return (c.resolved, c.own_overrides, c.paths, c.notes, c.plan)
+        return (c.conf, c.resolved, c.own_overrides, c.paths, c.notes, c.plan, c.accelerator, c.trainer_flags)
 
+    derived = []
+    derive = compose_module._Reference.derive
+
+    def counted(self, values, task):
+        try:
+            result = derive(self, values, task)
+        except compose_module._NotDerivable:
+            raise
+        except Exception:
+            derived.append(task)  # derived, then refused by a check of the result
+            raise
+        derived.append(task)
+        return result
+
+    monkeypatch.setattr(compose_module._Reference, "derive", counted)
     with session():
         composer = Composer()
         for trial in trials:
             expected = outcome(lambda t: compose(t, None, where="cluster"), trial)
             assert outcome(lambda t: composer(t, where="cluster"), trial) == expected, trial
         assert len(composer._bases) == 3  # Hydra ran once per distinct set of group choices
+    assert derived == [
+        ["cluster=slurm", "optim.lr=5e-4", "model.n_layer=6"],
+        ["cluster=slurm", "optim.lr=0.02", "model.n_layer=1"],
+    ], derived  # (trainer.devices=3 is not derived from devices=1: check sets strategy=ddp for it alone)
+
+
+@pytest.mark.unit
+def test_a_trial_number_is_read_as_hydra_reads_it():
+    """The Composer's shortcut for `key=<number>` lines gives Hydra's own parse, or leaves the line to it."""
+    from hydra.core.override_parser.overrides_parser import OverridesParser
+
+    from trainer.config.compose import Composer
+
+    composer = Composer()
+    composer._parse("optim.lr=0.5")  # a full parse of the key first, as a sweep's first trial
+    for value in ["1e-3", "-2", "007", "007.5", "1.", ".5", "1E+5", "0", "+3", "1_000", "inf", "3.25e-07", "00",
+                  "-0.0", "00.5", "10.25", "0e5", "01e5", "1.5e", "-.5e-3", "12345678901234567890", "0.1234567890123456789"]:  # fmt: skip
+        line = f"optim.lr={value}"
+        hydra = OverridesParser.create().parse_overrides([line])[0]
+        ours = composer._parse(line)
+        assert (type(ours._value), ours._value, ours.type, ours.key_or_group, ours.input_line) == (
+            type(hydra._value), hydra._value, hydra.type, hydra.key_or_group, hydra.input_line), line  # fmt: skip

@@ -9,6 +9,7 @@ Environment variables are never written at all; this guards values that arrive t
 
 from __future__ import annotations
 
+import functools
 import os
 import re
 from collections.abc import Mapping
@@ -33,6 +34,7 @@ _SPECIAL_TOKENS = {"pad", "eos", "bos", "unk", "sep", "cls", "mask"}
 _MIN_ENV_SECRET = 8
 
 
+@functools.lru_cache(maxsize=4096)  # a config's names repeat: a sweep's check asks about each, per trial
 def is_secret_name(name: str) -> bool:
     """Whether the last part of a dotted name looks like a credential's name."""
     words = [w.lower() for w in _WORD.findall(name.rsplit(".", 1)[-1]) if not w.isdigit()]

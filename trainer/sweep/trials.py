@@ -111,11 +111,13 @@ def plan_sweep(overrides: list[str], config_dir: str | None, where: str) -> Swee
                 raise
             raise TrialError(i, plan.own(i), line) from None
     if settings.kind != "optuna":
-        dirs = [c.paths.dir for c in plan.composed]
-        for i, d in enumerate(dirs):
-            if d in dirs[:i]:
-                raise TrialError(i, plan.own(i), f"the same run as trial {dirs.index(d)} ({d}); every trial needs "
+        first: dict[Path, int] = {}
+        for i, c in enumerate(plan.composed):
+            d = c.paths.dir
+            if d in first:
+                raise TrialError(i, plan.own(i), f"the same run as trial {first[d]} ({d}); every trial needs "
                                  "its own config (drop run.name from a sweep)")  # fmt: skip
+            first[d] = i
     return plan
 
 
