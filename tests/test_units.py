@@ -4,6 +4,8 @@ from __future__ import annotations
 
 import csv
 import json
+import subprocess
+import sys
 from pathlib import Path
 
 import pytest
@@ -407,6 +409,7 @@ def test_a_task_shown_only_its_own_gpus_drives_one_of_them(monkeypatch, visible,
     from trainer.namespace import pl
     from trainer.strategy.devices import lightning_accelerator
 
+    monkeypatch.setattr("trainer.config.validate.no_cuda_here", lambda: False)
     monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
     monkeypatch.setattr(torch.cuda, "device_count", lambda: visible)
     monkeypatch.setattr(fabric_cuda, "num_cuda_devices", lambda: visible)
@@ -433,3 +436,18 @@ def test_a_task_shown_only_its_own_gpus_drives_one_of_them(monkeypatch, visible,
     if visible < 4:
         with pytest.raises(ConfigError, match=f"trainer.devices=4: expected at most {visible}"):
             check_here(conf)
+
+
+@pytest.mark.unit
+def test_a_machine_without_a_gpu_driver_is_known_without_importing_torch():
+    """The launcher of a multi-process run (and a sweep's parent) asks whether CUDA can exist before it imports
+    torch, which costs seconds: where no driver is, ``auto`` is the CPU, as torch would say."""
+    code = ("import sys; from trainer.config.validate import no_cuda_here, resolve_accelerator; "
+            "print(no_cuda_here(), resolve_accelerator('auto'), 'torch' in sys.modules)")  # fmt: skip
+    out = subprocess.run(
+        [sys.executable, "-c", code], capture_output=True, text=True, check=True
+    ).stdout.split()
+    if out[0] == "True":
+        assert out[1:] == ["cpu", "False"] and not torch.cuda.is_available()
+    else:
+        assert out[1] == ("gpu" if torch.cuda.is_available() else "cpu") and out[2] == "True"

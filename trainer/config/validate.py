@@ -12,6 +12,7 @@ import functools
 import glob
 import math
 import os
+import sys
 from typing import Any
 
 from omegaconf import DictConfig, OmegaConf
@@ -101,10 +102,24 @@ def _build(node: DictConfig, key: str) -> Any:
         raise err.with_prefix(key) from None
 
 
+def no_cuda_here() -> bool:
+    """True where no CUDA (or ROCm) device can exist: macOS, or Linux without a GPU driver's device files.
+    Answers without importing torch, which costs a launcher or a sweep's parent seconds of start-up on
+    every machine without a GPU (elsewhere torch is asked)."""
+    if sys.platform == "darwin":
+        return True
+    if not sys.platform.startswith("linux"):
+        return False
+    # NVIDIA's driver, WSL2's GPU paravirtualisation, AMD's ROCm
+    return not any(os.path.exists(p) for p in ("/proc/driver/nvidia", "/dev/nvidia0", "/dev/dxg", "/dev/kfd"))
+
+
 def resolve_accelerator(requested: str) -> str:
     """``auto`` becomes what this machine has; the answer is what Lightning gets (``cpu``, ``gpu`` or ``mps``)."""
-    if requested == "cpu":
+    if requested == "cpu" or (requested == "auto" and no_cuda_here()):
         return "cpu"
+    if requested in ("gpu", "cuda") and no_cuda_here():
+        raise ConfigError("trainer.accelerator", requested, "cpu or auto (no CUDA GPU is visible here)")
     import torch
 
     if requested in ("gpu", "cuda"):
