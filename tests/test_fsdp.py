@@ -111,6 +111,7 @@ def test_fsdp_trains_like_ddp_with_sharded_parameters(cli, text_corpus):
     )
 
 
+@pytest.mark.extended  # the README test runs both settings under FSDP on every CI run (3 steps each)
 def test_activation_checkpointing_and_bf16_parameters(cli, text_corpus):
     """(Compiling the sharded model is tested in the gpu tier; on CPU its compile time cost ~30 s of CI.)"""
     data = f"data.path={text_corpus}"
