@@ -8,6 +8,8 @@ from __future__ import annotations
 
 import json
 import os
+import re
+import shlex
 import stat
 import subprocess
 import sys
@@ -48,6 +50,13 @@ def test_multi_node_gpu_job_matches_golden_file(cli, tmp_path):
     assert "dry run: nothing written" in res.stderr
     assert not (tmp_path / "runs").exists() and not list(tmp_path.glob("*.sbatch"))
     subprocess.run(["bash", "-n"], input=res.stdout, text=True, check=True)
+    # Each task starts with the preemption signals ignored, until `trainer train` catches them itself: the
+    # script's own task prefix, run here in front of a Python that reports what it starts with.
+    (prefix,) = re.findall(r"^  (bash -c .*?) /opt/venv/bin/python -m trainer train ", res.stdout, re.M)
+    probe = "import signal; print(*(signal.getsignal(s).name for s in (signal.SIGUSR1, signal.SIGTERM)))"
+    started = subprocess.run(["bash", "-c", f"{prefix} {shlex.quote(sys.executable)} -c {shlex.quote(probe)}"],
+                             capture_output=True, text=True, check=True)  # fmt: skip
+    assert started.stdout.split() == ["SIG_IGN", "SIG_IGN"], started
 
 
 @pytest.mark.unit
