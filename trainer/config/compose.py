@@ -305,7 +305,12 @@ class Composer:
             runtime=hydra_node.runtime, job=hydra_node.job, overrides=SimpleNamespace(task=task)
         )
         result, built = _check(
-            cfg, node, where=where, run_root=run_root, absolute=True, keep_typed=reference is None
+            cfg,
+            node,
+            where=where,
+            run_root=run_root,
+            absolute=True,
+            keep_typed=reference is None and bool(values),
         )
         if reference is None and values:
             self._references[same] = _Reference(result, built, cfg, hydra_node.runtime.choices, where)
@@ -328,7 +333,7 @@ class Composer:
                 parsed.input_line = line
             else:
                 parsed = OverridesParser.create().parse_overrides([line])[0]
-                if _NUMBER_OVERRIDE.fullmatch(line) and isinstance(parsed._value, (int, float)):
+                if number and isinstance(parsed._value, (int, float)):
                     self._by_key.setdefault(parsed.key_or_group, parsed)
             self._parsed[line] = parsed
         return copy.copy(self._parsed[line])

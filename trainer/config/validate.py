@@ -114,25 +114,29 @@ def no_cuda_here() -> bool:
     return not any(os.path.exists(p) for p in ("/proc/driver/nvidia", "/dev/nvidia0", "/dev/dxg", "/dev/kfd"))
 
 
-def resolve_accelerator(requested: str) -> str:
-    """``auto`` becomes what this machine has; the answer is what Lightning gets (``cpu``, ``gpu`` or ``mps``)."""
-    if requested == "cpu" or (requested == "auto" and no_cuda_here()):
-        return "cpu"
-    if requested in ("gpu", "cuda") and no_cuda_here():
-        raise ConfigError("trainer.accelerator", requested, "cpu or auto (no CUDA GPU is visible here)")
+def _cuda_available() -> bool:
+    if no_cuda_here():
+        return False
     import torch
 
+    return torch.cuda.is_available()
+
+
+def resolve_accelerator(requested: str) -> str:
+    """``auto`` becomes what this machine has; the answer is what Lightning gets (``cpu``, ``gpu`` or ``mps``)."""
+    if requested == "cpu":
+        return "cpu"
     if requested in ("gpu", "cuda"):
-        if not torch.cuda.is_available():
+        if not _cuda_available():
             raise ConfigError("trainer.accelerator", requested, "cpu or auto (no CUDA GPU is visible here)")
         return "gpu"
     if requested == "mps":
+        import torch
+
         if not torch.backends.mps.is_available():
             raise ConfigError("trainer.accelerator", requested, "cpu or auto (MPS is not available here)")
         return "mps"
-    if torch.cuda.is_available():
-        return "gpu"
-    return "cpu"
+    return "gpu" if _cuda_available() else "cpu"
 
 
 def launched_externally() -> bool:
