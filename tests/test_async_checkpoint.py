@@ -73,3 +73,29 @@ def test_training_goes_on_while_a_checkpoint_is_written(tmp_path, writer):
              if r.get("checkpoint/stall_s")}  # fmt: skip
     # step 10's write takes 2 s more; training stalled only to copy the state (the final save waits for it)
     assert saves[10] < 0.5 and saves[15] >= 1.0, saves
+
+
+def test_weights_changed_outside_the_optimizer_after_a_background_save_are_caught(tmp_path):
+    """The weights are copied while the next step runs; a module that clips them in place at the start of
+    each step (a WGAN critic) changes them before that copy is checked. That save is dropped, said in one
+    warning, the later ones copy at once, and the run trains exactly as with synchronous saves."""
+    helpers = REPO / "tests" / "helpers"
+    args = ["--config-dir", str(helpers / "conf"), "model=faulty", "data=digits", "model.clip_weights=0.05",
+            *ARGS[1:], "trainer.max_steps=30"]  # fmt: skip
+    env = clean_env(tmp_path, PYTHONPATH=str(helpers))
+    reference = reference_run(
+        tmp_path, env, [*args, "checkpoint.async_save=false", "checkpoint.keep_last_k=5"]
+    )
+    proc = start_train(tmp_path, [*args, "run.name=clipped", "checkpoint.keep_last_k=5"], env)
+    out, _ = proc.communicate(timeout=300)
+    assert proc.returncode == 0, out
+    assert out.count("changed in place between a save and the next optimizer step") == 1, out
+    checkpoints = tmp_path / "runs" / "clipped" / "checkpoints"
+    published = sorted(p.name for p in checkpoints.glob("step-*.ckpt"))
+    assert published == ["step-00000020.ckpt", "step-00000030.ckpt"], published
+    assert_bitwise_equal(weights(tmp_path / "runs" / "clipped"), weights(reference))
+    for name in published:  # what was published is what a synchronous save wrote at that step
+        ours = torch.load(checkpoints / name, weights_only=True)
+        theirs = torch.load(reference / "checkpoints" / name, weights_only=True)
+        assert_bitwise_equal(ours["state_dict"], theirs["state_dict"])
+        assert_bitwise_equal(ours["optimizer_states"][0]["state"], theirs["optimizer_states"][0]["state"])

@@ -351,3 +351,75 @@ def test_cuda_random_state_saved_with_four_devices_restores_with_one(monkeypatch
     current["device"] = 5  # more devices now than then: that device's stream was never saved
     restore_rng(dict(saved, cuda=[torch.zeros(16, dtype=torch.uint8)] * 4))
     assert set_on == {}
+
+
+# ---------------------------------------------------------------------------------------------------------
+# Background saves that copy the weights and optimizer state while the next step runs (io.DeferredCopies)
+
+
+def deferred_save(tmp_path, step: int, storages_of: list[torch.Tensor], state: dict):
+    """A background save of ``state`` at ``step`` whose tensors ``storages_of`` are copied on the writer."""
+    writer = AtomicCheckpointIO(async_save=True)
+    target = tmp_path / f"step-{step:08d}.ckpt"
+    steady = {t.untyped_storage().data_ptr() for t in storages_of}
+    writer.save_checkpoint(dict(state, global_step=step), target, storage_options={"steady": steady})
+    return writer, target
+
+
+def test_deferred_copy_is_made_on_the_writer_thread_and_holds_the_state_at_the_save(tmp_path, monkeypatch):
+    from trainer.checkpoint import io as checkpoint_io
+
+    threads = []
+    real_copy = checkpoint_io.DeferredCopies.copy
+
+    def record_thread(self):
+        import threading
+
+        threads.append(threading.current_thread().name)
+        real_copy(self)
+
+    monkeypatch.setattr(checkpoint_io.DeferredCopies, "copy", record_thread)
+    model, optimizer = model_and_optimizer()
+    buffer = torch.arange(4.0)  # not steady: copied before the save returns
+    params = list(model.parameters())
+    moments = [t for s in optimizer.state.values() for t in s.values()]
+    state = {"state_dict": model.state_dict(), "optimizer_states": [optimizer.state_dict()], "buf": buffer}
+    expected = {k: v.clone() for k, v in model.state_dict().items()}
+    writer, target = deferred_save(tmp_path, 10, params + moments, state)
+    buffer.add_(100)  # changes that the save must not see: a buffer at once, ...
+    assert writer.settle() >= 0.0
+    with torch.no_grad():  # ... the weights right after the check (the optimizer step)
+        for p in params:
+            p.add_(1.0)
+    writer.wait()
+    saved = torch.load(target, weights_only=True)
+    assert threads == ["checkpoint-writer_0"]
+    for name, value in expected.items():
+        assert torch.equal(saved["state_dict"][name], value), name
+    assert torch.equal(saved["buf"], torch.arange(4.0))
+    assert read_manifest(target) is not None and writer.dropped_step is None
+
+
+def test_weights_changed_in_place_before_the_check_drop_that_save_and_later_ones_copy_at_once(
+    tmp_path, caplog
+):
+    model, _ = model_and_optimizer()
+    params = list(model.parameters())
+    writer, target = deferred_save(tmp_path, 10, params, {"state_dict": model.state_dict()})
+    with torch.no_grad():  # in place, outside the optimizer, before the next optimizer step (weight clipping)
+        params[0].clamp_(-1e9, 1e9)
+    with caplog.at_level("WARNING", logger="trainer"):
+        writer.wait()
+    assert not target.exists() and list(tmp_path.iterdir()) == [], "nothing of the dropped save is left"
+    assert writer.dropped_step == 10 and not writer.defer_copies
+    assert "changed in place between a save and the next optimizer step" in caplog.text
+    # the next save copies before it returns: a change right after it is not in the file
+    expected = {k: v.clone() for k, v in model.state_dict().items()}
+    second = tmp_path / "step-00000020.ckpt"
+    steady = {p.untyped_storage().data_ptr() for p in params}
+    writer.save_checkpoint({"state_dict": model.state_dict(), "global_step": 20}, second, {"steady": steady})
+    with torch.no_grad():
+        params[0].add_(1.0)
+    writer.wait()
+    saved = torch.load(second, weights_only=True)["state_dict"]
+    assert all(torch.equal(saved[k], v) for k, v in expected.items())

@@ -293,7 +293,7 @@ def fit(c: Composed) -> dict:
             # nothing new to save, and the run can simply be started again.
             checkpointer.preempted = True
         stopped_early = checkpointer.preempted or checkpointer.stopped_nonfinite
-        if not stopped_early and checkpointer.last_saved_step != trainer.global_step:
+        if not stopped_early and checkpointer.needs_final_save(trainer):
             checkpointer.save(trainer, "final")
     except BaseException as exc:
         if trainer.is_global_zero:

@@ -45,6 +45,18 @@ class AsyncWriter(Protocol):
 
 
 @runtime_checkable
+class CopiesLater(Protocol):
+    """A background writer that copies the weights and optimizer state after the save returns, while the
+    next step's forward and backward run (``AtomicCheckpointIO``)."""
+
+    dropped_step: int | None
+    """The step of the newest save not published because its deferred copy changed before it was made."""
+
+    def settle(self) -> float:
+        """Block until the copy is made and checked; call it before the optimizer step. Seconds waited."""
+
+
+@runtime_checkable
 class ShardingReport(Protocol):
     """A strategy that shards the model (FSDP): its mesh and how many parameters each rank holds."""
 

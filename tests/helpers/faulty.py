@@ -14,11 +14,15 @@ from trainer.models.mlp import MLPModule
 
 class FaultyMLP(MLPModule):
     """The built-in MLP, plus: sleep in each step; raise on ``fail_rank`` at ``fail_step``; return NaN from
-    ``nan_step`` on; write to ``exit_report``, as the process exits, what SIGUSR1 and SIGTERM would do then."""
+    ``nan_step`` on; write to ``exit_report``, as the process exits, what SIGUSR1 and SIGTERM would do then;
+    clip every weight to [-clip_weights, clip_weights] in place at the start of each step (a WGAN critic's
+    weight clipping: a change outside the optimizer step)."""
 
     def __init__(self, fail_step: int | None = None, fail_rank: int = 0, nan_step: int | None = None,
-                 nan_rank: int = 0, step_sleep_s: float = 0.0, exit_report: str | None = None, **kwargs) -> None:  # fmt: skip
+                 nan_rank: int = 0, step_sleep_s: float = 0.0, exit_report: str | None = None,
+                 clip_weights: float | None = None, **kwargs) -> None:  # fmt: skip
         super().__init__(**kwargs)
+        self.clip_weights = clip_weights
         if exit_report:
             atexit.register(_report_signals, exit_report)
         self.step_sleep_s = step_sleep_s  # slows steps down so a test can signal a run mid-way
@@ -30,6 +34,10 @@ class FaultyMLP(MLPModule):
         )
 
     def training_step(self, batch, batch_idx):
+        if self.clip_weights is not None:
+            with torch.no_grad():
+                for p in self.parameters():
+                    p.clamp_(-self.clip_weights, self.clip_weights)
         loss = super().training_step(batch, batch_idx)
         if self.step_sleep_s:
             time.sleep(self.step_sleep_s)

@@ -38,7 +38,7 @@ from trainer.checkpoint.manifest import (
     write_manifest,
 )
 from trainer.namespace import pl
-from trainer.protocols import AsyncWriter, RunLogger, ShardingReport, WriteStats
+from trainer.protocols import AsyncWriter, CopiesLater, RunLogger, ShardingReport, WriteStats
 from trainer.rundir import LAST_CHECKPOINT
 
 log = logging.getLogger("trainer")
@@ -106,6 +106,16 @@ def _grads_bad(params: list[torch.Tensor]) -> torch.Tensor:
     return (~torch.isfinite(torch.stack(torch._foreach_norm(grads))).all()).float()
 
 
+def steady_storages(trainer: pl.Trainer) -> set[int]:
+    """The host storages that only an optimizer step changes: the model's parameters and the optimizers'
+    state (a save copies them while the next step's forward and backward run; see io.DeferredCopies)."""
+    tensors = list(trainer.lightning_module.parameters())
+    for optimizer in trainer.optimizers:
+        for state in optimizer.state.values():
+            tensors += [v for v in state.values() if isinstance(v, torch.Tensor)]
+    return {t.untyped_storage().data_ptr() for t in tensors if t.device.type == "cpu"}
+
+
 class Checkpointer(pl.Callback):
     def __init__(
         self,
@@ -135,6 +145,7 @@ class Checkpointer(pl.Callback):
         self._rng_to_restore: dict | None = None
         self._last_step: int | None = None
         self._last_saved_step: int | None = None
+        self._previous_saved_step: int | None = None
         self._last_save_time = time.monotonic()
         self._nonfinite_pending: str | None = None
         # The step's loss check stays on the device until the one read per step (_read_step_flags).
@@ -239,6 +250,7 @@ class Checkpointer(pl.Callback):
     def on_before_optimizer_step(
         self, trainer: pl.Trainer, pl_module: pl.LightningModule, optimizer: torch.optim.Optimizer
     ) -> None:
+        self._settle_copies(trainer)  # the step changes the weights: a save's deferred copy of them is done
         params = [p for group in optimizer.param_groups for p in group["params"] if p.grad is not None]
         loss_bad, self._loss_bad = self._loss_bad, None
         if not params:
@@ -264,6 +276,21 @@ class Checkpointer(pl.Callback):
         self._nonfinite_pending = f"non-finite {reason} at step {step} on rank {trainer.global_rank}"
         if self.on_nonfinite == "skip":
             log.warning("skipped step %d: non-finite %s (trainer.on_nonfinite_loss=skip)", step, reason)
+
+    def _settle_copies(self, trainer: pl.Trainer) -> None:
+        """Wait for a background save's copy of the weights and optimizer state, made on its writer thread
+        while this step's forward and backward ran; a wait is logged as ``checkpoint/copy_wait_s``."""
+        if not isinstance(self._writer, CopiesLater):
+            return
+        waited = self._writer.settle()
+        if waited > 0.0005 and trainer.is_global_zero:
+            self._log_row(trainer, {"checkpoint/copy_wait_s": waited}, trainer.global_step + 1)
+        self._forget_dropped()
+
+    def _forget_dropped(self) -> None:
+        # A save the writer did not publish (its deferred copy changed before it was checked) is no save.
+        if isinstance(self._writer, CopiesLater) and self._writer.dropped_step == self._last_saved_step:
+            self._last_saved_step = self._previous_saved_step
 
     def _read_step_flags(
         self, trainer: pl.Trainer, device: torch.device, loss_bad: torch.Tensor, grads_bad: torch.Tensor
@@ -354,10 +381,13 @@ class Checkpointer(pl.Callback):
             self.wait()
             earlier = dict(writer.last_write)  # the previous background write: finished now
             options["then"] = lambda: self._publish(path)
+            if reason in ("periodic", "validation"):  # training goes on: the weights are copied meanwhile
+                options["steady"] = steady_storages(trainer)
         trainer.save_checkpoint(path, weights_only=False, storage_options=options)
         if background and reason in ("preempted", "nonfinite", "final"):
             self.wait()  # the process is about to end: the checkpoint must be on disk first
         stall = time.perf_counter() - started
+        self._previous_saved_step = self._last_saved_step
         self._last_saved_step, self._last_save_time = step, time.monotonic()
         if trainer.is_global_zero:
             if not background:
@@ -379,14 +409,24 @@ class Checkpointer(pl.Callback):
                 row["checkpoint/mb"] = written["bytes"] / 1e6
             if written.get("seconds"):
                 row["checkpoint/mb_per_s"] = written["bytes"] / 1e6 / written["seconds"]
-            for logger in trainer.loggers:
-                if isinstance(logger, RunLogger):
-                    logger.log_trainer_metrics(row, step)
-                else:
-                    logger.log_metrics(row, step=step)
+            self._log_row(trainer, row, step)
             if reason in ("preempted", "nonfinite"):
                 log.info("checkpoint saved at step %d (%s): %s", step, reason, path)
         return path
+
+    @staticmethod
+    def _log_row(trainer: pl.Trainer, row: dict[str, float], step: int) -> None:
+        for logger in trainer.loggers:
+            if isinstance(logger, RunLogger):
+                logger.log_trainer_metrics(row, step)
+            else:
+                logger.log_metrics(row, step=step)
+
+    def needs_final_save(self, trainer: pl.Trainer) -> bool:
+        """Whether the run's end has no checkpoint of its last step yet, agreed by every rank (only rank
+        zero knows of a background save that was not published)."""
+        self.wait()
+        return self._agree(trainer, [self._last_saved_step != trainer.global_step])[0]
 
     def _publish(self, path: Path) -> None:
         """A complete checkpoint becomes the newest (``last.ckpt``); old ones go (rank zero, after the write)."""
@@ -397,6 +437,7 @@ class Checkpointer(pl.Callback):
         """Until the checkpoint being written in the background (if any) is published."""
         if self._writer is not None:
             self._writer.wait()
+            self._forget_dropped()
 
     def _metric(self, trainer: pl.Trainer) -> float | None:
         value = trainer.callback_metrics.get(self.monitor)

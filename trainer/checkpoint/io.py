@@ -10,9 +10,11 @@
 from __future__ import annotations
 
 import io
+import logging
 import os
 import pickle
 import re
+import threading
 import time
 from collections.abc import Iterator
 from contextlib import contextmanager, suppress
@@ -33,6 +35,8 @@ from trainer.checkpoint.manifest import (
     write_manifest,
 )
 from trainer.namespace import fabric_module
+
+log = logging.getLogger("trainer")
 
 META_FILE = fabric_module("utilities.load")._METADATA_FILENAME
 """``meta.pt``: in a sharded checkpoint, everything but the model and optimizer shards (Lightning's name)."""
@@ -131,33 +135,104 @@ def _refused(err: pickle.UnpicklingError) -> str:
     return f"it names {what}, which loading with weights_only=True refuses (it could run code)"
 
 
-def snapshot(obj: Any, into: Any = None) -> Any:
+class DeferredCopies:
+    """The tensors of a checkpoint that only the optimizer step changes (parameters, optimizer state), copied
+    on the writer thread while the next step's forward and backward run, instead of while training waits.
+
+    Training calls ``check()`` before it changes them (the next optimizer step, or any wait for the write):
+    it blocks until the copies are made, then compares each source's version counter with the one it had at
+    the save. Any in-place change bumps it, so a changed counter means a copy may hold a later value: the
+    checkpoint is then never published. (A change through ``.data`` bypasses the counter; see the README.)
+    ``steady``: the storages (``untyped_storage().data_ptr()``) of those tensors."""
+
+    def __init__(self, steady: set[int], step: int) -> None:
+        self.steady, self.step = steady, step
+        self.jobs: list[tuple[torch.Tensor, torch.Tensor, int]] = []  # (source, destination, version)
+        self.intact = True
+        self.failed = False  # a copy raised (the write raises it)
+        self.copied = threading.Event()
+        self.checked = threading.Event()
+
+    def add(self, src: torch.Tensor, dst: torch.Tensor) -> torch.Tensor:
+        self.jobs.append((src, dst, src._version))
+        return dst
+
+    def copy(self) -> None:
+        """On the writer thread: every copy, then tell ``check``."""
+        try:
+            with torch.no_grad():
+                for src, dst, _ in self.jobs:
+                    dst.copy_(src)
+        except BaseException:
+            self.intact, self.failed = False, True
+            raise
+        finally:
+            self.copied.set()
+
+    def check(self) -> float:
+        """On the training thread, before the sources may change: wait for the copies, compare the version
+        counters, let the writer go on. Returns the seconds it waited."""
+        started = time.perf_counter()
+        self.copied.wait()
+        waited = time.perf_counter() - started
+        self.intact = self.intact and all(src._version == version for src, _, version in self.jobs)
+        self.jobs = []  # no reference to the live tensors is kept
+        self.checked.set()
+        return waited
+
+    def wait_checked(self) -> bool:
+        """On the writer thread: whether the copies are the state at the save, once training has checked.
+        False, without waiting longer, when the training thread has ended without checking (interpreter
+        shut-down joins this thread: it must not wait for ever)."""
+        while not self.checked.wait(0.5):
+            if not threading.main_thread().is_alive():
+                return False
+        return self.intact
+
+
+def snapshot(obj: Any, into: Any = None, later: DeferredCopies | None = None) -> Any:
     """A copy of a checkpoint that training can no longer change: every tensor copied to host memory (the
     state dict's tensors are the live parameters), containers rebuilt, other values shared (immutable).
 
     ``into``: an earlier snapshot no longer in use (its write finished); its tensors of the same place, shape
-    and dtype are copied into rather than allocated again (fresh pages cost ~3x the copy itself)."""
+    and dtype are copied into rather than allocated again (fresh pages cost ~3x the copy itself).
+    ``later``: host tensors of its ``steady`` storages get their destination now and are copied by
+    ``later.copy()``."""
     if isinstance(obj, torch.Tensor):
+        if (
+            later is not None
+            and type(obj) is torch.Tensor  # no subclass, no Parameter (the state dict's are detached)
+            and obj.is_cpu
+            and obj.layout == torch.strided
+            and not obj.requires_grad
+            and obj.untyped_storage().data_ptr() in later.steady
+        ):
+            reuse = _reusable(into, obj)
+            return later.add(obj, into if reuse else torch.empty_like(obj))
         src = obj.detach()
-        same = (
-            isinstance(into, torch.Tensor)
-            and into.device.type == "cpu"
-            and into.shape == src.shape
-            and into.dtype == src.dtype
-            and into.is_contiguous()
-            and not src.is_sparse
-        )
-        return into.copy_(src) if same else src.to("cpu", copy=True)
+        return into.copy_(src) if _reusable(into, src) else src.to("cpu", copy=True)
     if isinstance(obj, dict):
         old = into if isinstance(into, dict) else {}
-        copied = {k: snapshot(v, old.get(k)) for k, v in obj.items()}
+        copied = {k: snapshot(v, old.get(k), later) for k, v in obj.items()}
         return copied if type(obj) is dict else type(obj)(copied)  # OrderedDict, Lightning's AttributeDict
     if isinstance(obj, list):
         old_items = into if isinstance(into, list) and len(into) == len(obj) else [None] * len(obj)
-        return [snapshot(v, o) for v, o in zip(obj, old_items, strict=True)]
+        return [snapshot(v, o, later) for v, o in zip(obj, old_items, strict=True)]
     if isinstance(obj, tuple) and not hasattr(obj, "_fields"):
-        return tuple(snapshot(v) for v in obj)
+        return tuple(snapshot(v, None, later) for v in obj)
     return obj
+
+
+def _reusable(into: Any, src: torch.Tensor) -> bool:
+    """Whether ``into`` (a tensor of an earlier snapshot, or anything else) can take a copy of ``src``."""
+    return (
+        isinstance(into, torch.Tensor)
+        and into.is_cpu
+        and into.shape == src.shape
+        and into.dtype == src.dtype
+        and into.is_contiguous()
+        and not src.is_sparse
+    )
 
 
 class AtomicCheckpointIO(fabric_module("plugins.io.torch_io").TorchCheckpointIO):
@@ -171,18 +246,41 @@ class AtomicCheckpointIO(fabric_module("plugins.io.torch_io").TorchCheckpointIO)
     snapshot of the checkpoint; at most one is in flight (a new save first waits for the previous one), and
     ``wait()`` returns once it is published, raising what it failed with. A process killed mid-write leaves a
     hidden temporary file and no manifest: the previous checkpoint is the newest valid one.
+    ``{"steady": storages}`` in the storage options (see ``DeferredCopies``): those tensors are copied on the
+    writer thread, and ``settle()`` must be called before they change; the file is published only if they
+    did not change before it.
     """
 
     def __init__(self, async_save: bool = False) -> None:
         super().__init__()
         self.last_write: dict[str, float] = {}
         self.async_save = async_save
+        self.defer_copies = True  # off for the rest of the run once a deferred copy was found changed
+        self.dropped_step: int | None = None  # see protocols.CopiesLater
         self._pending: Any = None  # the Future of the write in flight
+        self._later: DeferredCopies | None = None  # its copies still to be checked
         self._executor: Any = None
         self._staged: Any = None  # the latest snapshot, whose buffers the next one reuses
 
+    def settle(self) -> float:
+        """Block until the write in flight has copied the live tensors it defers, and check them (call it
+        before anything may change them). The seconds it waited."""
+        later, self._later = self._later, None
+        if later is None:
+            return 0.0
+        waited = later.check()
+        if not later.intact and not later.failed:
+            self.defer_copies, self.dropped_step = False, later.step
+            log.warning(
+                "checkpoint: a parameter or optimizer state changed in place between a save and the next "
+                "optimizer step, so that save is not published (the previous checkpoint stays the newest); "
+                "later saves copy the state before training goes on"
+            )
+        return waited
+
     def wait(self) -> None:
         """Block until the background write (if any) is published; re-raise its error here."""
+        self.settle()
         pending, self._pending = self._pending, None
         if pending is not None:
             pending.result()
@@ -203,23 +301,40 @@ class AtomicCheckpointIO(fabric_module("plugins.io.torch_io").TorchCheckpointIO)
         from concurrent.futures import ThreadPoolExecutor
 
         self.wait()
+        steady = (storage_options or {}).get("steady")
+        step = int(checkpoint.get("global_step", 0))
+        later = DeferredCopies(steady, step) if steady and self.defer_copies else None
         # the previous snapshot is written: its buffers take this one
-        copy = self._staged = snapshot(checkpoint, into=self._staged)
+        copy = self._staged = snapshot(checkpoint, into=self._staged, later=later)
         if self._executor is None:
             self._executor = ThreadPoolExecutor(max_workers=1, thread_name_prefix="checkpoint-writer")
-        self._pending = self._executor.submit(self._write, copy, path, storage_options)
+        self._later = later if later is not None and later.jobs else None
+        self._pending = self._executor.submit(self._write, copy, path, storage_options, self._later)
 
     def _write(
-        self, checkpoint: dict[str, Any], path: str | os.PathLike, storage_options: Any = None
+        self,
+        checkpoint: dict[str, Any],
+        path: str | os.PathLike,
+        storage_options: Any = None,
+        later: DeferredCopies | None = None,
     ) -> None:
-        self._write_file(checkpoint, path, storage_options)
+        if later is not None:
+            later.copy()
+        if not self._write_file(checkpoint, path, storage_options, later):
+            return
         then = (storage_options or {}).get("then")
         if then is not None:
             then()
 
     def _write_file(
-        self, checkpoint: dict[str, Any], path: str | os.PathLike, storage_options: Any = None
-    ) -> None:
+        self,
+        checkpoint: dict[str, Any],
+        path: str | os.PathLike,
+        storage_options: Any = None,
+        later: DeferredCopies | None = None,
+    ) -> bool:
+        """Write and publish ``path``; False, with nothing published, when ``later`` found its copies
+        changed."""
         target = Path(path)
         tmp = target.with_name(f".{target.name}.tmp")
         started = time.perf_counter()
@@ -227,6 +342,12 @@ class AtomicCheckpointIO(fabric_module("plugins.io.torch_io").TorchCheckpointIO)
         try:
             target.parent.mkdir(parents=True, exist_ok=True)
             size, digest = save_file(checkpoint, tmp)
+            if later is not None:
+                checking = time.perf_counter()
+                if not later.wait_checked():
+                    tmp.unlink(missing_ok=True)
+                    return False
+                started += time.perf_counter() - checking  # the write's own time, for its speed
             os.replace(tmp, target)
             published = True
             fsync_dir(target.parent)  # make the rename itself durable
@@ -248,6 +369,7 @@ class AtomicCheckpointIO(fabric_module("plugins.io.torch_io").TorchCheckpointIO)
                 raise
             raise error from None
         self.last_write = {"bytes": size, "seconds": seconds, "step": int(checkpoint.get("global_step", 0))}
+        return True
 
     def load_checkpoint(
         self, path: Any, map_location: Any = None, weights_only: bool | None = None
