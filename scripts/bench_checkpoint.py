@@ -6,7 +6,8 @@ Trains a GPT on synthetic data with a checkpoint every --every steps (through th
 then reads the per-save figures the run logged (checkpoint/mb, checkpoint/mb_per_s, checkpoint/stall_s) and
 compares them with a plain fsync'ed sequential write of the same size to the same folder. It runs twice: with
 synchronous saves (the stall is the whole save: state gathered, written, fsynced, renamed) and with background
-saves (checkpoint.async_save: the stall is the copy of the state, plus any wait for the previous write).
+saves (checkpoint.async_save: the stall is gathering the state, plus any wait for the previous write, plus the
+next optimizer step's wait for the copy of the weights and optimizer state, which is made meanwhile).
 """
 
 from __future__ import annotations
@@ -60,6 +61,9 @@ def main() -> int:
         print(f"stall per save, {mode:<5}        {f['stall']:10.3f} s   ({f['stall'] / (args.every * f['step']):.1%} of the "
               f"time between saves, one every {args.every} steps)")  # fmt: skip
     print(f"async stall / sync stall     {bg['stall'] / sync['stall']:10.2f}  (target <= 0.1)")
+    for mode, f in figures.items():
+        print(f"step after a save, {mode:<5}     {f['after']:10.3f} s   (median step {f['step']:.3f} s: the "
+              f"{'copy and ' if mode == 'async' else ''}write share the cores with it)")  # fmt: skip
     print(f"async background write speed {bg['write']:10.1f} MB/s (it shares the cores with training)")
     return 0
 
@@ -75,16 +79,23 @@ def run(args: argparse.Namespace, root: Path, mode: str) -> dict[str, float]:
     subprocess.run(cmd, check=True, stdout=subprocess.DEVNULL)
     with (root / name / "metrics.csv").open(newline="") as f:
         rows = list(csv.DictReader(f))
-    # the last save is the end of the run, which waits for its write whatever the mode
-    stalls = [float(r["checkpoint/stall_s"]) for r in rows if r.get("checkpoint/stall_s")][:-1]
-    sizes = [r for r in rows if r.get("checkpoint/mb_per_s")]
-    steps = [
-        float(r["train/step_time_s"])
+    # The last save is the end of the run, which waits for its write whatever the mode. A background save's
+    # stall is the save itself plus the next step's wait for the copy of the weights (checkpoint/copy_wait_s).
+    waits = {
+        int(r["step"]) - 1: float(r["checkpoint/copy_wait_s"])
         for r in rows
-        if r.get("train/step_time_s") and not r.get("checkpoint/stall_s")
-    ]
+        if r.get("checkpoint/copy_wait_s")
+    }
+    stalls = [float(r["checkpoint/stall_s"]) + waits.get(int(r["step"]), 0.0)
+              for r in rows if r.get("checkpoint/stall_s")][:-1]  # fmt: skip
+    sizes = [r for r in rows if r.get("checkpoint/mb_per_s")]
+    saved = {int(r["step"]) for r in rows if r.get("checkpoint/stall_s")}
+    times = {int(r["step"]): float(r["train/step_time_s"]) for r in rows if r.get("train/step_time_s")}
+    steps = [t for s, t in times.items() if s not in saved and s - 1 not in saved]
+    after = [t for s, t in times.items() if s - 1 in saved and s not in saved]
     return {
         "stall": statistics.median(stalls),
+        "after": statistics.median(after) if after else float("nan"),
         "mb": statistics.median(float(r["checkpoint/mb"]) for r in sizes),
         "write": statistics.median(float(r["checkpoint/mb_per_s"]) for r in sizes),
         "step": statistics.median(steps),

@@ -113,7 +113,8 @@ def steady_storages(trainer: pl.Trainer) -> set[int]:
     for optimizer in trainer.optimizers:
         for state in optimizer.state.values():
             tensors += [v for v in state.values() if isinstance(v, torch.Tensor)]
-    return {t.untyped_storage().data_ptr() for t in tensors if t.device.type == "cpu"}
+    plain = (torch.Tensor, torch.nn.Parameter)  # not a DTensor or other subclass: those are copied at once
+    return {t.untyped_storage().data_ptr() for t in tensors if type(t) in plain and t.is_cpu}
 
 
 class Checkpointer(pl.Callback):
@@ -381,7 +382,8 @@ class Checkpointer(pl.Callback):
             self.wait()
             earlier = dict(writer.last_write)  # the previous background write: finished now
             options["then"] = lambda: self._publish(path)
-            if reason in ("periodic", "validation"):  # training goes on: the weights are copied meanwhile
+            if reason in ("periodic", "validation") and isinstance(writer, CopiesLater):
+                # training goes on: the weights are copied while the next step runs
                 options["steady"] = steady_storages(trainer)
         trainer.save_checkpoint(path, weights_only=False, storage_options=options)
         if background and reason in ("preempted", "nonfinite", "final"):
