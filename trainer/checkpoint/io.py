@@ -88,15 +88,25 @@ def _os_error(err: BaseException | None) -> OSError | None:
 
 
 class _HashingWriter:
-    """A write-only file object that hashes what passes through it (torch.save needs write and flush)."""
+    """A write-only file object that hashes what passes through it (torch.save needs write and flush).
 
-    def __init__(self, f: Any) -> None:
-        self.f, self.digest, self.bytes = f, new_digest(), 0
+    A big record is written by ``pool``'s thread while this one hashes it: the write releases the GIL, so
+    the two overlap (the hash does not release it), and the write takes the time of the slower of the two.
+    The record's buffer is torch's until ``write`` returns, so both finish first."""
+
+    BIG = 1 << 20
+
+    def __init__(self, f: Any, pool: Any) -> None:
+        self.f, self.pool, self.digest, self.bytes = f, pool, new_digest(), 0
 
     def write(self, data: bytes) -> int:
-        self.digest.update(data)
         self.bytes += len(data)
-        return self.f.write(data)
+        if len(data) < self.BIG:
+            self.digest.update(data)
+            return self.f.write(data)
+        written = self.pool.submit(self.f.write, data)
+        self.digest.update(data)
+        return written.result()
 
     def flush(self) -> None:
         self.f.flush()
@@ -110,9 +120,11 @@ def save_file(obj: Any, path: Path) -> tuple[int, str]:
     of the write speed. ``torch.load`` reads such files; a zip tool may warn about their CRCs."""
     crc = torch.serialization.get_crc32_options()
     torch.serialization.set_crc32_options(False)
+    from concurrent.futures import ThreadPoolExecutor
+
     try:
-        with path.open("wb") as f:
-            writer = _HashingWriter(f)
+        with path.open("wb") as f, ThreadPoolExecutor(1, thread_name_prefix="checkpoint-io") as pool:
+            writer = _HashingWriter(f, pool)
             torch.save(obj, writer)
             f.flush()
             os.fsync(f.fileno())
