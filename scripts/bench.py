@@ -198,7 +198,7 @@ def main() -> int:
     ckpt = subprocess.run([sys.executable, str(REPO / "scripts" / "bench_checkpoint.py"), "--dir", str(work / "ckpt")],
                           capture_output=True, text=True, check=True).stdout  # fmt: skip
     for line in ckpt.splitlines():
-        if line.startswith(("write speed / disk speed", "stall per save", "stall / time between")):
+        if line.startswith(("write speed / disk speed", "stall per save", "async stall / sync stall")):
             label, value = line[:29].strip(), line[29:].strip()
             rows.append((f"e. checkpoint {label}", value.split()[0], " ".join(value.split()[1:])))
 
