@@ -374,8 +374,10 @@ def test_deferred_copy_is_made_on_the_writer_thread_and_holds_the_state_at_the_s
 
     def record_thread(self):
         import threading
+        import time
 
         threads.append(threading.current_thread().name)
+        time.sleep(0.3)  # a slow copy: the check must wait for it
         real_copy(self)
 
     monkeypatch.setattr(checkpoint_io.DeferredCopies, "copy", record_thread)
@@ -383,20 +385,25 @@ def test_deferred_copy_is_made_on_the_writer_thread_and_holds_the_state_at_the_s
     buffer = torch.arange(4.0)  # not steady: copied before the save returns
     params = list(model.parameters())
     moments = [t for s in optimizer.state.values() for t in s.values()]
-    state = {"state_dict": model.state_dict(), "optimizer_states": [optimizer.state_dict()], "buf": buffer}
+    half = torch.randn(8).bfloat16()  # bf16 weights: copied as bytes
+    state = {"state_dict": model.state_dict(), "optimizer_states": [optimizer.state_dict()], "buf": buffer,
+             "half": half}  # fmt: skip
     expected = {k: v.clone() for k, v in model.state_dict().items()}
-    writer, target = deferred_save(tmp_path, 10, params + moments, state)
+    expected_half, expected_moments = half.clone(), [m.clone() for m in moments]
+    writer, target = deferred_save(tmp_path, 10, [*params, *moments, half], state)
     buffer.add_(100)  # changes that the save must not see: a buffer at once, ...
     assert writer.settle() >= 0.0
     with torch.no_grad():  # ... the weights right after the check (the optimizer step)
-        for p in params:
+        for p in [*params, *moments, half]:
             p.add_(1.0)
     writer.wait()
     saved = torch.load(target, weights_only=True)
     assert threads == ["checkpoint-writer_0"]
     for name, value in expected.items():
         assert torch.equal(saved["state_dict"][name], value), name
-    assert torch.equal(saved["buf"], torch.arange(4.0))
+    assert torch.equal(saved["buf"], torch.arange(4.0)) and torch.equal(saved["half"], expected_half)
+    saved_moments = [t for s in saved["optimizer_states"][0]["state"].values() for t in s.values()]
+    assert all(torch.equal(a, b) for a, b in zip(saved_moments, expected_moments, strict=True))
     assert read_manifest(target) is not None and writer.dropped_step is None
 
 
