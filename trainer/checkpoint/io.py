@@ -295,9 +295,10 @@ class AtomicCheckpointIO(fabric_module("plugins.io.torch_io").TorchCheckpointIO)
         if not later.intact and not later.failed:
             self.defer_copies, self.dropped_step = False, later.step
             log.warning(
-                "checkpoint: a parameter or optimizer state changed in place between a save and the next "
-                "optimizer step, so that save is not published (the previous checkpoint stays the newest); "
-                "later saves copy the state before training goes on"
+                "checkpoint: step %d's save is not published: a parameter or optimizer state changed in place "
+                "between a save and the next optimizer step (the previous checkpoint stays the newest); later "
+                "saves copy the state before training goes on",
+                later.step,
             )
         return waited
 
