@@ -17,6 +17,7 @@ import re
 import threading
 import time
 from collections.abc import Iterator
+from concurrent.futures import ThreadPoolExecutor
 from contextlib import contextmanager, suppress
 from pathlib import Path
 from typing import Any
@@ -120,8 +121,6 @@ def save_file(obj: Any, path: Path) -> tuple[int, str]:
     of the write speed. ``torch.load`` reads such files; a zip tool may warn about their CRCs."""
     crc = torch.serialization.get_crc32_options()
     torch.serialization.set_crc32_options(False)
-    from concurrent.futures import ThreadPoolExecutor
-
     try:
         with path.open("wb") as f, ThreadPoolExecutor(1, thread_name_prefix="checkpoint-io") as pool:
             writer = _HashingWriter(f, pool)
@@ -161,8 +160,8 @@ class DeferredCopies:
     def __init__(self, steady: set[int], step: int) -> None:
         self.steady, self.step = steady, step
         self.jobs: list[tuple[torch.Tensor, torch.Tensor, int]] = []  # (source, destination, version)
-        self.intact = True
         self.failed = False  # a copy raised (the write raises it)
+        self.changed = False  # a source changed before the check
         self.copied = threading.Event()
         self.checked = threading.Event()
 
@@ -179,7 +178,7 @@ class DeferredCopies:
             for src, dst, _ in self.jobs:
                 np.copyto(_bytes(dst), _bytes(src))
         except BaseException:
-            self.intact, self.failed = False, True
+            self.failed = True
             raise
         finally:
             self.copied.set()
@@ -190,7 +189,7 @@ class DeferredCopies:
         started = time.perf_counter()
         self.copied.wait()
         waited = time.perf_counter() - started
-        self.intact = self.intact and all(src._version == version for src, _, version in self.jobs)
+        self.changed = any(src._version != version for src, _, version in self.jobs)
         self.jobs = []  # no reference to the live tensors is kept
         self.checked.set()
         return waited
@@ -202,7 +201,7 @@ class DeferredCopies:
         while not self.checked.wait(0.5):
             if not threading.main_thread().is_alive():
                 return False
-        return self.intact
+        return not (self.failed or self.changed)
 
 
 def _bytes(tensor: torch.Tensor) -> np.ndarray:
@@ -292,7 +291,7 @@ class AtomicCheckpointIO(fabric_module("plugins.io.torch_io").TorchCheckpointIO)
         if later is None:
             return 0.0
         waited = later.check()
-        if not later.intact and not later.failed:
+        if later.changed:
             self.defer_copies, self.dropped_step = False, later.step
             log.warning(
                 "checkpoint: step %d's save is not published: a parameter or optimizer state changed in place "
@@ -322,8 +321,6 @@ class AtomicCheckpointIO(fabric_module("plugins.io.torch_io").TorchCheckpointIO)
         if not self.async_save:
             self._write(checkpoint, path, storage_options)
             return
-        from concurrent.futures import ThreadPoolExecutor
-
         self.wait()
         steady = (storage_options or {}).get("steady")
         step = int(checkpoint.get("global_step", 0))
@@ -342,23 +339,10 @@ class AtomicCheckpointIO(fabric_module("plugins.io.torch_io").TorchCheckpointIO)
         storage_options: Any = None,
         later: DeferredCopies | None = None,
     ) -> None:
+        """Write and publish ``path``, then call ``storage_options["then"]``; nothing is published when
+        ``later`` finds its copies changed."""
         if later is not None:
             later.copy()
-        if not self._write_file(checkpoint, path, storage_options, later):
-            return
-        then = (storage_options or {}).get("then")
-        if then is not None:
-            then()
-
-    def _write_file(
-        self,
-        checkpoint: dict[str, Any],
-        path: str | os.PathLike,
-        storage_options: Any = None,
-        later: DeferredCopies | None = None,
-    ) -> bool:
-        """Write and publish ``path``; False, with nothing published, when ``later`` found its copies
-        changed."""
         target = Path(path)
         tmp = target.with_name(f".{target.name}.tmp")
         started = time.perf_counter()
@@ -370,7 +354,7 @@ class AtomicCheckpointIO(fabric_module("plugins.io.torch_io").TorchCheckpointIO)
                 checking = time.perf_counter()
                 if not later.wait_checked():
                     tmp.unlink(missing_ok=True)
-                    return False
+                    return
                 started += time.perf_counter() - checking  # the write's own time, for its speed
             os.replace(tmp, target)
             published = True
@@ -393,7 +377,9 @@ class AtomicCheckpointIO(fabric_module("plugins.io.torch_io").TorchCheckpointIO)
                 raise
             raise error from None
         self.last_write = {"bytes": size, "seconds": seconds, "step": int(checkpoint.get("global_step", 0))}
-        return True
+        then = (storage_options or {}).get("then")
+        if then is not None:
+            then()
 
     def load_checkpoint(
         self, path: Any, map_location: Any = None, weights_only: bool | None = None
